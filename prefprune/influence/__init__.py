@@ -1,0 +1,1 @@
+"""Influence engine: per-pair gradients, curvature products, solvers and scores."""
