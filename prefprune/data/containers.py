@@ -1,0 +1,238 @@
+"""Read raw records from a container (JSONL, JSON, CSV, Parquet, saved HF dataset, hub).
+
+Containers only produce raw records with their exact position; what a record
+*means* is the job of :mod:`prefprune.data.formats`. Positions are exact so a
+later step can write a pruned dataset back in the input's own layout by
+re-reading the input and keeping the rows whose position survived:
+
+* JSON-lines input (``.jsonl``, ``.jsonl.gz``, or a ``.json`` file that holds
+  JSON lines, like the original TL;DR ``comparisons/batch*.json``): the 1-based
+  physical line number. Blank lines are not records and are not counted.
+* everything else: the 0-based record index (for CSV the index of the data
+  record after the header, which differs from the line when quoted fields span
+  lines; for a dataset with several splits, the index within its split).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from prefprune.data.report import DataError
+
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_KNOWN_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One record as found in the container, or the reason it could not be parsed."""
+
+    position: int
+    record: Any = None
+    error: str | None = None
+    split: str | None = None
+    error_reason: str = "malformed_json"
+
+
+@dataclass
+class Container:
+    """All raw rows of one source plus what is needed to describe positions."""
+
+    kind: str
+    label: str
+    unit: str
+    rows: list[RawRow]
+    columns: list[str] = field(default_factory=list)
+
+
+def read_container(
+    source: str | os.PathLike,
+    *,
+    hub_config: str | None = None,
+    hub_split: str | None = None,
+    data_dir: str | None = None,
+) -> Container:
+    """Open ``source`` (a local file or directory, else a hub dataset name)."""
+    path = Path(source)
+    if path.is_dir():
+        container = _read_saved_dataset(path, hub_split)
+    elif path.exists():
+        container = _read_file(path)
+    elif _looks_like_hub_name(str(source)):
+        container = _read_hub(str(source), hub_config, hub_split, data_dir)
+    else:
+        raise DataError(f"{source}: file not found")
+    if not container.rows:
+        raise DataError(f"{container.label}: contains no records")
+    if not container.columns:
+        container.columns = _union_of_keys(row.record for row in container.rows)
+    return container
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """A hub name is ``owner/name`` or ``name`` without a data-file suffix."""
+    return bool(_HUB_NAME.match(name)) and not _data_suffix(name)
+
+
+def _data_suffix(name: str) -> str:
+    """The container suffix of a file name, ignoring a trailing ``.gz``."""
+    base = name.lower().removesuffix(".gz")
+    return next((s for s in _KNOWN_SUFFIXES if base.endswith(s)), "")
+
+
+def _union_of_keys(records: Iterable[Any]) -> list[str]:
+    """Column names of schemaless input: the keys of all object records, in first-seen order."""
+    keys: dict[str, None] = {}
+    for record in records:
+        if isinstance(record, dict):
+            keys.update(dict.fromkeys(record))
+    return list(keys)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Whole file content, gunzipped when the name ends in ``.gz``."""
+    try:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read file: {exc}") from exc
+    if not data.strip():
+        raise DataError(f"{path}: empty file")
+    return data
+
+
+def _read_file(path: Path) -> Container:
+    """Dispatch on the file suffix (``.gz`` means gzip around the real suffix)."""
+    suffix = _data_suffix(path.name)
+    if suffix == ".jsonl":
+        return _json_lines(path, _read_bytes(path), "jsonl")
+    if suffix == ".json":
+        return _read_json(path, _read_bytes(path))
+    if suffix == ".csv":
+        return _read_csv(path, _read_bytes(path))
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(
+        f"{path}: unknown file type; expected one of .jsonl, .jsonl.gz, .json, .csv, "
+        ".parquet, a saved Hugging Face dataset directory or a hub dataset name"
+    )
+
+
+def _json_lines(path: Path, data: bytes, kind: str) -> Container:
+    """One JSON value per line; a bad line becomes a row with an error, not a failure."""
+    rows = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(RawRow(number, json.loads(raw.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            rows.append(RawRow(number, error=f"invalid JSON: {exc}"))
+    return Container(kind, str(path), "line", rows)
+
+
+def _read_json(path: Path, data: bytes) -> Container:
+    """A JSON list of records or ``{"data": [...]}``; JSON lines in a .json file also work."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        if _first_line_is_object(data):
+            return _json_lines(path, data, "json_lines")
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of records or {{\"data\": [...]}}")
+    return Container("json", str(path), "row", [RawRow(i, r) for i, r in enumerate(value)])
+
+
+def _first_line_is_object(data: bytes) -> bool:
+    """Whether the content looks like JSON lines (its first line is a JSON object)."""
+    first = data.lstrip().split(b"\n", 1)[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _read_csv(path: Path, data: bytes) -> Container:
+    """CSV with a header; all values are strings, empty cells are empty strings."""
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+        records = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot parse CSV: {exc}") from exc
+    rows = [_csv_row(i, record, len(reader.fieldnames or [])) for i, record in enumerate(records)]
+    return Container("csv", str(path), "row", rows, list(reader.fieldnames or []))
+
+
+def _csv_row(index: int, record: dict, width: int) -> RawRow:
+    """A CSV record with more cells than header fields is malformed, not silently cut."""
+    if None in record:
+        extra = len(record[None])
+        detail = f"{width + extra} cells but the header has {width}"
+        return RawRow(index, error=detail, error_reason="malformed_row")
+    return RawRow(index, record)
+
+
+def _read_parquet(path: Path) -> Container:
+    """Parquet via pyarrow; nulls stay None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    rows = [RawRow(i, r) for i, r in enumerate(table.to_pylist())]
+    return Container("parquet", str(path), "row", rows, table.column_names)
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> Container:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a saved Hugging Face dataset directory: {exc}") from exc
+    return _from_dataset(loaded, "hf_disk", str(path), split)
+
+
+def _read_hub(
+    name: str, config: str | None, split: str | None, data_dir: str | None
+) -> Container:
+    """A hub dataset; only reached when ``source`` is not a local path."""
+    try:
+        loaded = datasets.load_dataset(name, config, split=split, data_dir=data_dir)
+    except Exception as exc:  # the hub raises many unrelated types; report them uniformly
+        raise DataError(
+            f"{name}: not a local path, and loading it as a hub dataset failed: {exc}"
+        ) from exc
+    return _from_dataset(loaded, "hub", name, split)
+
+
+def _from_dataset(
+    loaded: datasets.Dataset | datasets.DatasetDict, kind: str, label: str, split: str | None
+) -> Container:
+    """Rows of a Dataset, or of every split of a DatasetDict (tagged with the split name)."""
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is not None:
+            return _from_dataset(loaded[split], kind, label, split)
+        parts = [_from_dataset(ds, kind, label, name) for name, ds in loaded.items()]
+        rows = [row for part in parts for row in part.rows]
+        return Container(kind, label, "row", rows, parts[0].columns if parts else [])
+    rows = [RawRow(i, record, split=split) for i, record in enumerate(loaded)]
+    return Container(kind, label, "row", rows, list(loaded.column_names))

@@ -1,0 +1,163 @@
+"""``load_preferences``: any supported source -> canonical ``datasets.Dataset`` + report."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import pyarrow as pa
+
+from prefprune.data.containers import Container, RawRow, read_container
+from prefprune.data.formats import CANONICAL_COLUMNS, CONVERTERS, MAPPABLE, Pair, detect_format
+from prefprune.data.report import DataError, IngestionReport, RowIssue, SkippedRow
+
+FORMATS = ("auto", *CONVERTERS)
+_CANONICAL_TYPES = {
+    "id": pa.string(),
+    "prompt": pa.string(),
+    "chosen": pa.string(),
+    "rejected": pa.string(),
+    "source_format": pa.string(),
+    "source_file": pa.string(),
+    "source_row": pa.int64(),
+    "source_split": pa.string(),
+}
+
+
+@dataclass
+class LoadResult:
+    """The canonical dataset and the account of every input row."""
+
+    dataset: datasets.Dataset
+    report: IngestionReport
+
+
+def load_preferences(
+    source: str | os.PathLike,
+    *,
+    format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    strict: bool = False,
+    hub_config: str | None = None,
+    hub_split: str | None = None,
+    data_dir: str | None = None,
+) -> LoadResult:
+    """Load preference pairs from a file, a saved dataset directory or a hub name.
+
+    Bad rows are skipped and reported (``strict=False``) or raise
+    :class:`DataError` on the first one (``strict=True``). ``columns`` maps
+    canonical names (``prompt``, ``chosen``, ``rejected``, ``id``) to the
+    user's column names. ``source_row`` is the 1-based line for JSON-lines
+    input and the 0-based record index otherwise (see ``containers``).
+    """
+    if format not in FORMATS:
+        raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
+    container = read_container(source, hub_config=hub_config, hub_split=hub_split,
+                               data_dir=data_dir)
+    mapping = _check_mapping(dict(columns or {}), container)
+    fmt = format if format != "auto" else _detect(container, mapping)
+    pairs, skipped = _convert_all(container, fmt, mapping, strict)
+    report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
+                             container.kind)
+    return LoadResult(_to_dataset(pairs, fmt, container.label), report)
+
+
+def _check_mapping(mapping: dict[str, str], container: Container) -> dict[str, str]:
+    """Reject mappings of unknown canonical names or onto columns the data lacks."""
+    for canonical, column in mapping.items():
+        if canonical not in MAPPABLE:
+            raise DataError(f"columns: '{canonical}' is not a canonical column; "
+                            f"mappable ones are {', '.join(MAPPABLE)}")
+        if column not in container.columns:
+            raise DataError(f"{container.label}: column '{column}' (mapped to '{canonical}') "
+                            f"not found; available columns: {', '.join(container.columns)}")
+    return mapping
+
+
+def _detect(container: Container, mapping: Mapping[str, str]) -> str:
+    """Detect the format from the first row that parsed as an object."""
+    first = next((row.record for row in container.rows if isinstance(row.record, dict)), None)
+    if first is None:
+        raise DataError(f"{container.label}: no readable record to detect the format from")
+    try:
+        return detect_format(first, mapping)
+    except DataError as exc:
+        raise DataError(f"{container.label}: {exc}") from exc
+
+
+def _convert_all(
+    container: Container, fmt: str, mapping: Mapping[str, str], strict: bool
+) -> tuple[list[tuple[RawRow, Pair]], list[SkippedRow]]:
+    """Convert every row; collect issues, or raise on the first one when strict."""
+    convert = CONVERTERS[fmt]
+    kept: list[tuple[RawRow, Pair]] = []
+    skipped: list[SkippedRow] = []
+    seen: dict[str, int] = {}
+    for raw in container.rows:
+        try:
+            pair = _convert_one(raw, convert, mapping)
+            _check_unique(pair.id, raw.position, seen, container.unit)
+        except RowIssue as issue:
+            row = SkippedRow(container.label, raw.position, issue.field, issue.reason,
+                             issue.detail, container.unit)
+            if strict:
+                raise DataError(row.message()) from issue
+            skipped.append(row)
+            continue
+        kept.append((raw, pair))
+    return kept, skipped
+
+
+def _convert_one(raw: RawRow, convert, mapping: Mapping[str, str]) -> Pair:
+    """One raw row through the format's converter."""
+    if raw.error is not None:
+        raise RowIssue(raw.error_reason, None, raw.error)
+    if not isinstance(raw.record, dict):
+        raise RowIssue("wrong_type", None,
+                       f"record is {type(raw.record).__name__}, not an object")
+    return convert(raw.record, mapping, raw.split)
+
+
+def _check_unique(row_id: str, position: int, seen: dict[str, int], unit: str) -> None:
+    """Ids must be unique; the first occurrence wins and later ones are reported."""
+    if row_id in seen:
+        raise RowIssue("duplicate_id", "id",
+                       f"id '{row_id}' already used at {unit} {seen[row_id]}")
+    seen[row_id] = position
+
+
+def _to_dataset(pairs: list[tuple[RawRow, Pair]], fmt: str, label: str) -> datasets.Dataset:
+    """Canonical columns with fixed types, then metadata columns in first-seen order."""
+    canonical = {
+        "id": [p.id for _, p in pairs],
+        "prompt": [p.prompt for _, p in pairs],
+        "chosen": [p.chosen for _, p in pairs],
+        "rejected": [p.rejected for _, p in pairs],
+        "source_format": [fmt] * len(pairs),
+        "source_file": [label] * len(pairs),
+        "source_row": [raw.position for raw, _ in pairs],
+        "source_split": [p.split for _, p in pairs],
+    }
+    arrays = {name: pa.array(values, _CANONICAL_TYPES[name]) for name, values in canonical.items()}
+    metas = [{_meta_name(k): v for k, v in p.meta.items()} for _, p in pairs]
+    for name in dict.fromkeys(k for meta in metas for k in meta):
+        arrays[name] = _meta_array([meta.get(name) for meta in metas])
+    return datasets.Dataset(pa.table(arrays))
+
+
+def _meta_name(key: str) -> str:
+    """Source columns that clash with canonical names are kept under ``meta_<name>``."""
+    return f"meta_{key}" if key in CANONICAL_COLUMNS else key
+
+
+def _meta_array(values: list[Any]) -> pa.Array:
+    """Verbatim values; a column mixing incompatible types is stored as JSON text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                         for v in values], pa.string())
