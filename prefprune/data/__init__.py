@@ -5,11 +5,14 @@ Public names are re-exported here; see each module for the reasons behind the ru
 
 from prefprune.data.loader import LoadResult, load_preferences
 from prefprune.data.report import DataError, IngestionReport, SkippedRow
+from prefprune.data.splits import fingerprint, split_preferences
 
 __all__ = [
     "DataError",
     "IngestionReport",
     "LoadResult",
     "SkippedRow",
+    "fingerprint",
     "load_preferences",
+    "split_preferences",
 ]

@@ -134,7 +134,8 @@ def tldr_prompt(info: dict) -> str:
         subreddit = _text(info, "subreddit", "info.subreddit")
         return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
     if info.get("article") is None:
-        raise RowIssue("missing_field", "info.post", "neither 'info.post' nor 'info.article' is set")
+        detail = "neither 'info.post' nor 'info.article' is set"
+        raise RowIssue("missing_field", "info.post", detail)
     return f"ARTICLE: {_text(info, 'article', 'info.article')}\n\nTL;DR:"
 
 
