@@ -153,7 +153,9 @@ def _read_json(path: Path, data: bytes) -> Container:
         if _first_line_is_object(data):
             return _json_lines(path, data, "json_lines")
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
+    if isinstance(value, dict):
+        if not isinstance(value.get("data"), list):
+            return _json_lines(path, data, "json_lines")  # one record per line, maybe just one
         value = value["data"]
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of records or {{\"data\": [...]}}")
