@@ -12,7 +12,14 @@ import datasets
 import pyarrow as pa
 
 from prefprune.data.containers import Container, RawRow, read_container
-from prefprune.data.formats import CANONICAL_COLUMNS, CONVERTERS, MAPPABLE, Pair, detect_format
+from prefprune.data.formats import (
+    CANONICAL_COLUMNS,
+    CONVERTERS,
+    MAPPABLE,
+    Converter,
+    Pair,
+    detect_format,
+)
 from prefprune.data.report import DataError, IngestionReport, RowIssue, SkippedRow
 
 FORMATS = ("auto", *CONVERTERS)
@@ -112,7 +119,7 @@ def _convert_all(
     return kept, skipped
 
 
-def _convert_one(raw: RawRow, convert, mapping: Mapping[str, str]) -> Pair:
+def _convert_one(raw: RawRow, convert: Converter, mapping: Mapping[str, str]) -> Pair:
     """One raw row through the format's converter."""
     if raw.error is not None:
         raise RowIssue(raw.error_reason, None, raw.error)

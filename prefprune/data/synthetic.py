@@ -80,12 +80,15 @@ class _Post:
     names: frozenset[str]
 
 
+def _pick(rng: random.Random, pool: tuple[str, ...], exclude: frozenset[str]) -> str:
+    return rng.choice([v for v in pool if v not in exclude])
+
+
 def _slots(rng: random.Random, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
     """Random slot values, avoiding the words in ``exclude`` (a post's own names/objects)."""
-    pick = lambda pool: rng.choice([v for v in pool if v not in exclude])  # noqa: E731
-    name = pick(_NAMES)
-    return {"name": name, "rel": rng.choice(_RELATIONS), "obj": pick(_OBJECTS),
-            "place": pick(_PLACES), "city": pick(_CITIES), "month": rng.choice(_MONTHS),
+    return {"name": _pick(rng, _NAMES, exclude), "rel": rng.choice(_RELATIONS),
+            "obj": _pick(rng, _OBJECTS, exclude), "place": _pick(rng, _PLACES, exclude),
+            "city": _pick(rng, _CITIES, exclude), "month": rng.choice(_MONTHS),
             "day": rng.choice(_DAYS), "feeling": rng.choice(_FEELINGS),
             "money": str(rng.choice(range(50, 1000, 50)))}
 
