@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random backbones built in code, so model tests run in seconds offline.
+
+Each backbone directory holds a randomly initialised one-output model (safetensors) and the
+default backbone's WordPiece tokenizer: the tokenizer is independent of the architecture, and
+this keeps every test off the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_KINDS = ("bert", "gpt2", "llama")
+
+
+def _tiny_config(kind: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if kind == "bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=128, num_labels=1, pad_token_id=pad_id)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                          num_labels=1, pad_token_id=pad_id, bos_token_id=bos_id,
+                          eos_token_id=eos_id)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                           max_position_embeddings=128, num_labels=1, pad_token_id=pad_id,
+                           bos_token_id=bos_id, eos_token_id=eos_id)
+    raise ValueError(kind)
+
+
+def build_tiny_backbone(kind: str, directory: Path, seed: int = 0) -> Path:
+    """Save a tiny random ``kind`` sequence-classification model with a tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefprune.reward_model import default_backbone
+
+    tokenizer = AutoTokenizer.from_pretrained(default_backbone())
+    torch.manual_seed(seed)
+    config = _tiny_config(kind, tokenizer.vocab_size, tokenizer.pad_token_id,
+                          tokenizer.cls_token_id, tokenizer.sep_token_id)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of tiny BERT-, GPT-2- and Llama-style backbones."""
+    root = tmp_path_factory.mktemp("backbones")
+    return {kind: build_tiny_backbone(kind, root / kind) for kind in TINY_KINDS}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_backbones: dict[str, Path]) -> Path:
+    return tiny_backbones["bert"]
+
+
+@pytest.fixture(scope="session")
+def toy_pairs():
+    """Twelve short pairs in canonical columns, with prompts of mixed length."""
+    import datasets
+
+    prompts = [f"question {i}: " + "context " * (i % 5) for i in range(12)]
+    return datasets.Dataset.from_dict({
+        "id": [f"p{i}" for i in range(12)],
+        "prompt": prompts,
+        "chosen": [f"a helpful answer number {i}" for i in range(12)],
+        "rejected": [f"bad {i}" for i in range(12)],
+    })
