@@ -1,0 +1,453 @@
+"""The ``prefprune`` command line: parse options, call :mod:`prefprune.pipeline`, print results.
+
+Options shared by several commands live in :class:`OptionGroup` objects (data, model,
+training); a command lists the groups it needs in :func:`with_options` and receives each group
+already built (``DataOptions``, ``RewardModelConfig``, ``TrainConfig``), so a new command gets
+the same flags, help and validation without copying them. Every user mistake ends as one red
+``error:`` line on stderr: exit code 2 for usage, 1 for data or model problems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import datasets
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
+
+from prefprune.data import DataError, IngestionReport, load_preferences
+from prefprune.data.formats import MAPPABLE
+from prefprune.data.loader import FORMATS
+from prefprune.pipeline import (
+    DemoResult,
+    PreparedData,
+    TrainOutcome,
+    evaluate_saved,
+    metrics_dict,
+    prepare_data,
+    recorded_seed,
+    run_demo,
+    train_and_evaluate,
+)
+from prefprune.reward_model import ModelError, RewardModelConfig
+from prefprune.training import EvalResult, TrainConfig, TrainResult, resolve_device
+
+#: Exceptions that mean "the input or a setting is wrong", not "prefprune has a bug".
+USER_ERRORS = (DataError, ModelError, ValueError, OSError)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print one red ``error:`` line (never wrapped) and exit with ``code``."""
+    stderr.print(f"[red]error: {escape(message)}[/red]", soft_wrap=True, highlight=False)
+    sys.exit(code)
+
+
+class App(TyperGroup):
+    """The root command group; turns usage and user errors into one ``error:`` line.
+
+    Typer would draw a panel for a usage error and a traceback for a ``DataError``; a user
+    who passed a wrong path needs neither.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.TyperException as exc:  # usage errors: bad flag, bad value, missing argument
+            _usage_error(exc)
+        except typer.Abort:
+            fail("aborted", 1)
+        except USER_ERRORS as exc:
+            fail(str(exc), 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: typer.TyperException) -> NoReturn:
+    """Click's message plus where to read the help, on one line. An empty message means the
+    help was already printed (a command group called without arguments): nothing to add."""
+    message = exc.format_message().replace("\n", " ").strip()
+    if not message:
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    fail(message + hint, exc.exit_code)
+
+
+app = typer.Typer(cls=App, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="Find, prune or relabel the preference pairs that hurt a reward model.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at preference data before training.")
+app.add_typer(data_app, name="data")
+
+
+# --- reusable option groups ------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options several commands share; the command receives ``build(**values)`` as ``name``."""
+
+    name: str
+    build: Callable[..., Any]
+    options: tuple[inspect.Parameter, ...]
+
+
+def option(name: str, kind: Any, default: Any, help: str, *, panel: str,
+           **info: Any) -> inspect.Parameter:
+    """A keyword-only command parameter carrying its typer option: ``--name-with-dashes``,
+    and for a bool a plain on-switch (no ``--no-...`` twin)."""
+    decls = (f"--{name.replace('_', '-')}",) if kind is bool else ()
+    info = typer.Option(*decls, help=help, rich_help_panel=panel, **info)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, info])
+
+
+def with_options(*groups: OptionGroup) -> Callable[[F], F]:
+    """Add the groups' options to a command and hand it each group as one built object."""
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in {g.name for g in groups}]
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            for group in groups:
+                values = {p.name: kwargs.pop(p.name) for p in group.options}
+                kwargs[group.name] = group.build(**values)
+            return func(**kwargs)
+
+        extra = [p for group in groups for p in group.options]
+        command.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return command  # type: ignore[return-value]
+
+    return decorate
+
+
+def parse_columns(values: Iterable[str] | None) -> dict[str, str]:
+    """``["prompt=question", ...]`` -> ``{"prompt": "question"}``; bad syntax is a usage error."""
+    mapping: dict[str, str] = {}
+    for value in values or ():
+        canonical, sep, column = (part.strip() for part in value.partition("="))
+        if not sep or not canonical or not column:
+            raise typer.BadParameter(f"expected CANONICAL=COLUMN (e.g. prompt=question), "
+                                     f"got '{value}'", param_hint="--column")
+        if canonical not in MAPPABLE:
+            raise typer.BadParameter(f"'{canonical}' is not a canonical column; mappable ones "
+                                     f"are {', '.join(MAPPABLE)}", param_hint="--column")
+        if canonical in mapping:
+            raise typer.BadParameter(f"'{canonical}' is mapped twice", param_hint="--column")
+        mapping[canonical] = column
+    return mapping
+
+
+def parse_list(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list (``q_proj,v_proj``); empty means "not given"."""
+    items = tuple(item.strip() for item in (value or "").split(",") if item.strip())
+    return items or None
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to read a source; the fields are the keyword arguments of ``prepare_data`` and
+    ``load_preferences``."""
+
+    format: str = "auto"
+    columns: Mapping[str, str] | None = None
+    strict: bool = False
+    hub_config: str | None = None
+    hub_split: str | None = None
+    data_dir: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def build_data_options(*, format: str, column: list[str] | None, strict: bool,
+                       hub_config: str | None, hub_split: str | None,
+                       data_dir: str | None) -> DataOptions:
+    if format not in FORMATS:
+        raise typer.BadParameter(f"'{format}' is not one of {', '.join(FORMATS)}",
+                                 param_hint="--format")
+    return DataOptions(format, parse_columns(column), strict, hub_config, hub_split, data_dir)
+
+
+def build_model_config(*, backbone: str | None, max_length: int, lora_r: int, lora_alpha: int,
+                       lora_dropout: float, target_modules: str | None,
+                       trust_remote_code: bool) -> RewardModelConfig:
+    return RewardModelConfig(backbone=backbone, max_length=max_length, lora_r=lora_r,
+                             lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             target_modules=parse_list(target_modules),
+                             trust_remote_code=trust_remote_code)
+
+
+def build_train_config(*, epochs: int, batch_size: int, learning_rate: float,
+                       warmup_ratio: float, grad_accum: int, seed: int,
+                       device: str) -> TrainConfig:
+    check_device(device)
+    return TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                       warmup_ratio=warmup_ratio, grad_accum_steps=grad_accum, seed=seed,
+                       device=device)
+
+
+def check_device(device: str) -> str:
+    """A torch device name (``auto``, ``cpu``, ``cuda``, ``cuda:1``), else a usage error."""
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise typer.BadParameter(f"'{device}' is not a device; use auto, cpu, cuda or cuda:N",
+                                 param_hint="--device") from exc
+    return device
+
+
+_data = partial(option, panel="Data options")
+_model = partial(option, panel="Model options")
+_train = partial(option, panel="Training options")
+_MODEL_DEFAULTS = RewardModelConfig()
+_TRAIN_DEFAULTS = TrainConfig()
+
+DATA_OPTIONS = OptionGroup("data_options", build_data_options, (
+    _data("format", str, "auto", f"Input layout: {', '.join(FORMATS)}."),
+    _data("column", list[str] | None, None,
+          "Map a canonical column (id, prompt, chosen, rejected) to yours as "
+          "CANONICAL=COLUMN, e.g. --column prompt=question. Repeatable."),
+    _data("strict", bool, False, "Stop at the first bad row instead of skipping and reporting it."),
+    _data("hub_config", str | None, None, "Configuration of a hub dataset (e.g. comparisons)."),
+    _data("hub_split", str | None, None, "Only this split of a hub or saved dataset."),
+    _data("data_dir", str | None, None, "data_dir argument of a hub dataset."),
+))
+MODEL_OPTIONS = OptionGroup("model_config", build_model_config, (
+    _model("backbone", str | None, None,
+           "Backbone: a local directory or a hub model name. Default: the offline "
+           "all-MiniLM-L6-v2."),
+    _model("max_length", int, _MODEL_DEFAULTS.max_length,
+           "Tokens per prompt+response; the prompt is cut from the left first.", min=8),
+    _model("lora_r", int, _MODEL_DEFAULTS.lora_r, "LoRA rank.", min=1),
+    _model("lora_alpha", int, _MODEL_DEFAULTS.lora_alpha, "LoRA scaling alpha.", min=1),
+    _model("lora_dropout", float, _MODEL_DEFAULTS.lora_dropout, "LoRA dropout probability.",
+           min=0.0, max=0.99),
+    _model("target_modules", str | None, None,
+           "Comma-separated module names LoRA adapts (e.g. q_proj,v_proj). Default: detected "
+           "from the architecture."),
+    _model("trust_remote_code", bool, False,
+           "Allow custom model code from the backbone's repository to run."),
+))
+TRAIN_OPTIONS = OptionGroup("train_config", build_train_config, (
+    _train("epochs", int, _TRAIN_DEFAULTS.epochs, "Passes over the training pairs.", min=1),
+    _train("batch_size", int, _TRAIN_DEFAULTS.batch_size, "Pairs per forward pass.", min=1),
+    _train("learning_rate", float, _TRAIN_DEFAULTS.learning_rate, "Peak AdamW learning rate.",
+           min=0.0),
+    _train("warmup_ratio", float, _TRAIN_DEFAULTS.warmup_ratio,
+           "Share of the optimiser steps spent warming the learning rate up.", min=0.0, max=1.0),
+    _train("grad_accum", int, _TRAIN_DEFAULTS.grad_accum_steps,
+           "Batches whose gradients are summed per optimiser step.", min=1),
+    _train("seed", int, _TRAIN_DEFAULTS.seed,
+           "Seeds the model initialisation, the data order and the split of data without "
+           "source splits."),
+    _train("device", str, _TRAIN_DEFAULTS.device, "auto (CUDA when present), cpu, cuda or cuda:N."),
+))
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
+                                                       "of tables.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", help="Hide progress bars.")]
+DataArg = Annotated[str | None, typer.Argument(
+    help="Preference data: a file (.jsonl, .jsonl.gz, .json, .csv, .parquet), a saved dataset "
+         "directory or a hub dataset name. Omitted: the embedded synthetic set.")]
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+def print_json(data: Any) -> None:
+    """JSON on stdout, unstyled, so other tools can parse it."""
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def ingestion_line(report: IngestionReport) -> str:
+    return f"read {report.read} = kept {report.kept} + skipped {len(report.skipped)}"
+
+
+def print_report(report: IngestionReport, max_issues: int = 10) -> None:
+    """The account of every input row: totals, reasons and the first skipped rows."""
+    stdout.print(f"[bold]{escape(report.source)}[/bold] (format {report.format}, "
+                 f"container {report.container})")
+    stdout.print(ingestion_line(report))
+    if not report.skipped:
+        return
+    reasons = Table("reason", "rows", title="skipped rows by reason")
+    for reason, count in report.by_reason().items():
+        reasons.add_row(reason, str(count))
+    stdout.print(reasons)
+    issues = Table("where", "reason", "field", "detail",
+                   title=f"first {min(max_issues, len(report.skipped))} of "
+                         f"{len(report.skipped)} skipped rows")
+    for row in report.skipped[:max_issues]:
+        issues.add_row(escape(row.location), row.reason, row.field or "", escape(row.detail))
+    stdout.print(issues)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def print_examples(ds: datasets.Dataset, n: int) -> None:
+    table = Table("id", "prompt", "chosen", "rejected", title=f"first {min(n, len(ds))} pairs",
+                  show_lines=True)
+    for row in ds.select(range(min(n, len(ds)))):
+        table.add_row(_short(row["id"], 24), _short(row["prompt"]), _short(row["chosen"]),
+                      _short(row["rejected"]))
+    stdout.print(table)
+
+
+def metrics_table(metrics: Mapping[str, EvalResult]) -> Table:
+    table = Table("split", "pairs", "accuracy", "loss", "margin mean", "margin std",
+                  "margin median", title="evaluation")
+    for name, m in metrics.items():
+        table.add_row(name, str(m.pairs), f"{m.accuracy:.4f}", f"{m.loss:.4f}",
+                      f"{m.margin_mean:.4f}", f"{m.margin_std:.4f}", f"{m.margin_median:.4f}")
+    return table
+
+
+def training_table(result: TrainResult) -> Table:
+    table = Table("epoch", "loss", "seconds", title=f"training: {result.pairs} pairs, "
+                  f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s")
+    for epoch, (loss, seconds) in enumerate(zip(result.epoch_losses, result.epoch_seconds), 1):
+        table.add_row(str(epoch), f"{loss:.4f}", f"{seconds:.1f}")
+    return table
+
+
+def pairs_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    table = Table("", "", title=title, show_header=False)
+    for label, value in rows:
+        table.add_row(label, escape(value))
+    return table
+
+
+def data_summary(data: PreparedData) -> dict[str, Any]:
+    return {"source": data.source, "sizes": data.sizes(), "fingerprint": data.fingerprint,
+            "read": data.report.read, "kept": data.report.kept,
+            "skipped": len(data.report.skipped)}
+
+
+def outcome_dict(outcome: TrainOutcome) -> dict[str, Any]:
+    return {"data": data_summary(outcome.data), "train": outcome.train.to_dict(),
+            "metrics": metrics_dict(outcome.metrics), "seconds": outcome.seconds}
+
+
+def print_outcome(outcome: TrainOutcome) -> None:
+    data = outcome.data
+    sizes = " / ".join(f"{name} {n}" for name, n in data.sizes().items())
+    stdout.print(f"{ingestion_line(data.report)}; {sizes}; train fingerprint {data.fingerprint}")
+    stdout.print(training_table(outcome.train))
+    stdout.print(metrics_table(outcome.metrics))
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+@data_app.command("inspect")
+@with_options(DATA_OPTIONS)
+def inspect_command(
+    path: Annotated[str, typer.Argument(help="File, saved dataset directory or hub name.")],
+    data_options: DataOptions,
+    examples: Annotated[int, typer.Option(help="How many kept pairs to show.", min=0)] = 3,
+    json_output: JsonFlag = False,
+) -> None:
+    """Load a source and show what was kept, what was skipped and why, and a few pairs."""
+    loaded = load_preferences(path, **data_options.kwargs())
+    if json_output:
+        print_json({"report": loaded.report.to_dict(),
+                    "examples": loaded.dataset.select(range(min(examples, len(loaded.dataset))))
+                    .to_list()})
+        return
+    print_report(loaded.report)
+    if examples:
+        print_examples(loaded.dataset, examples)
+
+
+@app.command("train")
+@with_options(DATA_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS)
+def train_command(
+    output: Annotated[Path, typer.Option(help="Directory to save the trained reward model to.")],
+    data_options: DataOptions,
+    model_config: RewardModelConfig,
+    train_config: TrainConfig,
+    data: DataArg = None,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Train a LoRA reward model on DATA's train split and evaluate it on the held-out splits."""
+    prepared = prepare_data(data, seed=train_config.seed, **data_options.kwargs())
+    outcome = train_and_evaluate(prepared, model_config, train_config, output=output,
+                                 progress=not quiet)
+    if json_output:
+        print_json({**outcome_dict(outcome), "output": str(output)})
+        return
+    print_outcome(outcome)
+    stdout.print(f"saved to {escape(str(output))}")
+
+
+@app.command("evaluate")
+@with_options(DATA_OPTIONS)
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="A saved reward model directory (prefprune, a "
+                                               "PEFT adapter or a full checkpoint).")],
+    data_options: DataOptions,
+    data: DataArg = None,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    seed: Annotated[int | None, typer.Option(
+        help="Split seed for data without source splits. Default: the model's training seed, "
+             "so that its test pairs stay unseen.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Evaluate a saved reward model on a split of DATA: accuracy, loss, margin statistics."""
+    split_seed = recorded_seed(model) if seed is None else seed
+    prepared = prepare_data(data, seed=split_seed, **data_options.kwargs())
+    result = evaluate_saved(model, prepared, split, device=check_device(device),
+                            progress=not quiet)
+    if json_output:
+        print_json({"data": data_summary(prepared), "split": split,
+                    "metrics": metrics_dict({split: result})})
+        return
+    stdout.print(metrics_table({split: result}))
+
+
+@app.command("demo")
+def demo_command(
+    output: Annotated[Path | None, typer.Option(help="Also save the trained model here.")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the split and the training.")] = 0,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Train the default backbone on the embedded synthetic set; report the headline figures."""
+    result: DemoResult = run_demo(seed=seed, output=output, progress=not quiet)
+    if json_output:
+        print_json({**outcome_dict(result.outcome), "wall_seconds": result.seconds})
+        return
+    stdout.print(pairs_table("prefprune demo", result.rows()))
+    stdout.print(metrics_table(result.outcome.metrics))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
