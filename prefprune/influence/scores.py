@@ -1,0 +1,505 @@
+"""Score every training pair against one or more validation targets (SPEC §2).
+
+Every score is a **harm**: larger = more harmful, rank 1 = the most harmful pair.
+
+* ``if``: ``−Δ_i = −(1/n) g_valᵀ (H+λI)⁻¹ g_i``, the predicted drop of validation loss when
+  pair i is removed.
+* ``flip``: ``−Δ_i^flip = (1/n) g_valᵀ (H+λI)⁻¹ ∇m_i``, the drop when its label is flipped.
+* ``grad_dot`` / ``grad_cos``: ``−g_valᵀ g_i`` and ``−cos(g_val, g_i)``; no curvature.
+* ``self_influence``: ``g_iᵀ (G+λI)⁻¹ g_i`` with the Gauss–Newton curvature G, solved exactly in
+  the n-dimensional dual (needs the gradient cache).
+* ``loss``: ``ℓ(z_i)``; ``random``: a seeded uniform control.
+
+The engine shares gradient passes between scores. Pass 1 over the training pairs yields, per
+shard, margins, ``‖∇m‖²`` and ``g_valᵀ∇m``; the margin gradients themselves are kept only when
+they fit the memory budget. Then ``s = (H+λI)⁻¹ g_val`` is solved once per target, and the
+influence scores need ``sᵀ∇m_i``: a product with the cache, or a second streaming pass. Each
+shard and the solve are saved in ``work_dir`` as they finish, so a rerun after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..progress import progress_bar
+from ..reward_model import RewardModel, save_json_atomic
+from ..training import iter_pair_batches
+from . import solvers
+from .curvature import CachedGaussNewton, StreamingCurvature, gauss_newton_weights
+from .gradients import MarginGradientComputer
+from .store import ShardStore
+
+ALL_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
+DEFAULT_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
+_CURVATURE_SCORES = {"if", "flip"}
+_TARGET_SCORES = {"if", "flip", "grad_dot", "grad_cos"}
+_MAX_DIRECT_PARAMS = 6000
+_MAX_DUAL_PAIRS = 20000
+
+
+class InfluenceError(Exception):
+    """A scoring request cannot be carried out; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """How to score. Defaults: every score, Gauss–Newton curvature, CG, λ = 1e-2 × trace(G)/P.
+
+    ``damping_relative`` makes ``damping`` a multiple of the mean Gauss–Newton eigenvalue
+    ``trace(G)/P``, computed exactly from the gradient pass (no extra products).
+    ``memory_budget_mb`` bounds the per-pair gradient cache; past it the engine streams.
+    ``curvature_samples`` subsamples (seeded) the pairs that define H.
+    ``negative_curvature`` decides what CG does on the exact Hessian when pᵀ(H+λI)p ≤ 0:
+    ``"gauss_newton"`` re-solves with the Gauss–Newton curvature (recorded in the sidecar),
+    ``"raise"`` stops with an error, ``"stop"`` keeps CG's last iterate.
+    """
+
+    scores: tuple[str, ...] = DEFAULT_SCORES
+    curvature: str = "gauss_newton"
+    solver: str = "cg"
+    damping: float = solvers.DEFAULT_RELATIVE_DAMPING
+    damping_relative: bool = True
+    tol: float = 1e-5
+    max_iter: int = 200
+    lissa_depth: int = 2000
+    lissa_scale: float | None = None
+    negative_curvature: str = "gauss_newton"
+    curvature_samples: int | None = None
+    batch_size: int = 32
+    shard_size: int = 256
+    memory_budget_mb: float = 2048.0
+    seed: int = 0
+    gradient_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.scores) - set(ALL_SCORES)
+        if unknown or not self.scores:
+            raise InfluenceError(f"unknown scores {sorted(unknown)}; choose from {ALL_SCORES}")
+        _choice("curvature", self.curvature, ("gauss_newton", "hessian"))
+        _choice("solver", self.solver, ("cg", "lissa", "direct"))
+        _choice("negative_curvature", self.negative_curvature, ("gauss_newton", "raise", "stop"))
+        if self.damping < 0 or self.batch_size < 1 or self.shard_size < 1:
+            raise InfluenceError("damping must be >= 0 and batch/shard sizes >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scores": list(self.scores)}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InfluenceError(f"{name} must be one of {allowed}, not {value!r}")
+
+
+@dataclass
+class ScoreResult:
+    """The score table (one row per training pair) and the run's metadata sidecar."""
+
+    table: pd.DataFrame
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``path`` (Parquet) and ``path.with_suffix('.json')`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        self.table.to_parquet(tmp, index=False)
+        tmp.replace(path)
+        sidecar = path.with_suffix(".json")
+        save_json_atomic(sidecar, self.metadata)
+        return path, sidecar
+
+
+def model_fingerprint(model: RewardModel) -> str:
+    """sha256 over θ's values and the model config: the scores' identity of the model."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, param in model.trainable_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def compute_scores(model: RewardModel, train: Any, validation: Any | Mapping[str, Any],
+                   config: InfluenceConfig | None = None, *, work_dir: str | Path | None = None,
+                   progress: bool = True) -> ScoreResult:
+    """Score every pair of ``train`` (a canonical ``datasets.Dataset``) against ``validation``.
+
+    ``validation`` is one dataset, or a mapping name → dataset for several targets at once
+    (e.g. one per subreddit): target-dependent scores then get one column per target,
+    ``"{score}@{target}"``.
+    """
+    engine = _Engine(model, train, _targets(validation), config or InfluenceConfig(),
+                     work_dir, progress)
+    return engine.run()
+
+
+def _targets(validation: Any | Mapping[str, Any]) -> dict[str, Any]:
+    targets = dict(validation) if isinstance(validation, Mapping) else {"validation": validation}
+    for name, data in targets.items():
+        if len(data) == 0:
+            raise InfluenceError(f"validation target {name!r} is empty")
+    return targets
+
+
+class _Engine:
+    """One scoring run: the passes, the solve and the table, with timings."""
+
+    def __init__(self, model: RewardModel, train: Any, targets: dict[str, Any],
+                 config: InfluenceConfig, work_dir: str | Path | None, progress: bool) -> None:
+        if len(train) == 0:
+            raise InfluenceError("the training set is empty")
+        self.model, self.train, self.targets, self.config = model, train, targets, config
+        self.progress = progress
+        self.grads = MarginGradientComputer(model, config.gradient_mode)
+        self.n, self.dim = len(train), self.grads.dim
+        self.timings: dict[str, float] = {}
+        self.meta: dict[str, Any] = {}
+        key = self._run_key()
+        self.store = ShardStore(Path(work_dir), key) if work_dir is not None else None
+        cache_bytes = self.n * self.dim * 4
+        self.cache = cache_bytes <= config.memory_budget_mb * 2**20
+        self.meta["gradient_cache"] = {"fits": self.cache, "bytes": cache_bytes,
+                                       "budget_mb": config.memory_budget_mb}
+
+    def _run_key(self) -> str:
+        from ..data import fingerprint
+
+        self.meta["model_fingerprint"] = model_fingerprint(self.model)
+        self.meta["data_fingerprint"] = fingerprint(self.train)
+        self.meta["validation_fingerprints"] = {n: fingerprint(d) for n, d in self.targets.items()}
+        payload = {**self.meta, "config": self.config.to_dict()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
+    # --- passes ---------------------------------------------------------------------------
+
+    def run(self) -> ScoreResult:
+        g_val = self._timed("validation_gradients", self._validation_gradients)
+        stats = self._timed("gradient_pass", lambda: self._gradient_pass(g_val))
+        columns: dict[str, np.ndarray] = {}
+        needs_solve = bool(_CURVATURE_SCORES & set(self.config.scores))
+        if needs_solve:
+            solutions = self._timed("solve", lambda: self._solve(g_val, stats))
+            projections = self._timed("scoring_pass",
+                                      lambda: self._project(solutions, stats))
+            columns.update(self._influence_columns(projections, stats))
+        columns.update(self._similarity_columns(g_val, stats))
+        if "self_influence" in self.config.scores:
+            columns["self_influence"] = self._timed("self_influence",
+                                                    lambda: self._self_influence(stats))
+        if "loss" in self.config.scores:
+            columns["loss"] = torch.nn.functional.softplus(-stats["margins"]).numpy()
+        if "random" in self.config.scores:
+            columns["random"] = np.random.default_rng(self.config.seed).random(self.n)
+        return ScoreResult(self._table(columns, stats), self._metadata())
+
+    def _validation_gradients(self) -> torch.Tensor:
+        """Mean loss gradient per target, (T, P)."""
+        rows, losses = [], {}
+        for name, data in self.targets.items():
+            total = torch.zeros(self.dim)
+            loss = 0.0
+            with progress_bar(f"validation gradients ({name})", len(data),
+                              self.progress) as advance:
+                for idx, batch in iter_pair_batches(self.model, data, self.config.batch_size):
+                    pairs = self.grads(batch.to(self.model.device))
+                    total += pairs.loss_grads().sum(dim=0).cpu()
+                    loss += float(pairs.losses.sum())
+                    advance(len(idx))
+            rows.append(total / len(data))
+            losses[name] = loss / len(data)
+        self.meta["validation_loss"] = losses
+        return torch.stack(rows)
+
+    def _shards(self) -> list[range]:
+        size = self.config.shard_size
+        return [range(s, min(s + size, self.n)) for s in range(0, self.n, size)]
+
+    def _gradient_pass(self, g_val: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pass 1: margins, ‖∇m‖², g_valᵀ∇m (and ∇m itself when cached), shard by shard."""
+        parts: list[dict[str, torch.Tensor]] = []
+        with progress_bar("gradient pass", self.n, self.progress) as advance:
+            for k, shard in enumerate(self._shards()):
+                part = self.store.load(f"grads-{k:05d}") if self.store else None
+                if part is None or (self.cache and "margin_grads" not in part):
+                    part = self._gradient_shard(shard, g_val)
+                    if self.store:
+                        self.store.save(f"grads-{k:05d}", part)
+                parts.append(part)
+                advance(len(shard))
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def _gradient_shard(self, shard: range, g_val: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = self.train.select(shard)
+        margins, norms, dots, cached = [], [], [], []
+        for _, batch in iter_pair_batches(self.model, rows, self.config.batch_size):
+            pairs = self.grads(batch.to(self.model.device))
+            j = pairs.margin_grads.cpu()
+            margins.append(pairs.margins.cpu())
+            norms.append((j.double() ** 2).sum(dim=1))
+            dots.append(j @ g_val.T)
+            if self.cache:
+                cached.append(j)
+        self._count_work(len(shard))
+        part = {"margins": torch.cat(margins), "norms2": torch.cat(norms),
+                "dots": torch.cat(dots)}
+        if self.cache:
+            part["margin_grads"] = torch.cat(cached)
+        return part
+
+    def _count_work(self, pairs: int) -> None:
+        self.meta["pairs_through_gradient_passes"] = (
+            self.meta.get("pairs_through_gradient_passes", 0) + pairs)
+
+    # --- curvature and solve ---------------------------------------------------------------
+
+    def _damping(self, stats: dict[str, torch.Tensor]) -> float:
+        weights = gauss_newton_weights(stats["margins"].double())
+        scale = float((weights * stats["norms2"]).sum() / (self.n * self.dim))
+        damping = solvers.resolve_damping(self.config.damping,
+                                          relative=self.config.damping_relative, scale=scale)
+        self.meta["curvature_scale"] = scale
+        self.meta["damping"] = damping
+        return damping
+
+    def _curvature_rows(self) -> list[int]:
+        samples = self.config.curvature_samples
+        if samples is None or samples >= self.n:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return sorted(torch.randperm(self.n, generator=generator)[:samples].tolist())
+
+    def _operator(self, kind: str, stats: dict[str, torch.Tensor]):
+        rows = self._curvature_rows()
+        if kind == "gauss_newton" and self.cache:
+            index = torch.tensor(rows)
+            return CachedGaussNewton(stats["margins"][index], stats["margin_grads"][index])
+        data = self.train.select(rows)
+        batches = [b for _, b in iter_pair_batches(self.model, data, self.config.batch_size)]
+        return StreamingCurvature(self.model, batches, kind)
+
+    def _solve(self, g_val: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``s_t = (H+λI)⁻¹ g_val_t`` for every target, (T, P); saved for resume."""
+        damping = self._damping(stats)
+        saved = self.store.load("solve") if self.store else None
+        if saved is not None:
+            self.meta["solves"] = self.store.load_json("solve")
+            return saved["solutions"]
+        records, solutions = {}, []
+        for name, rhs in zip(self.targets, g_val):
+            result, curvature = self._solve_one(rhs, damping, stats, name)
+            solutions.append(result.solution)
+            records[name] = {**_result_record(result), "curvature": curvature}
+        self.meta["solves"] = records
+        out = torch.stack(solutions)
+        if self.store:
+            self.store.save("solve", {"solutions": out})
+            self.store.save_json("solve", records)
+        return out
+
+    def _solve_one(self, rhs: torch.Tensor, damping: float, stats: dict[str, torch.Tensor],
+                   name: str) -> tuple[solvers.SolverResult, str]:
+        kind = self.config.curvature
+        result = self._run_solver(self._operator(kind, stats), rhs, damping, name)
+        if result.negative_curvature and self.config.negative_curvature == "gauss_newton" \
+                and kind == "hessian":
+            retry = self._run_solver(self._operator("gauss_newton", stats), rhs, damping, name)
+            retry.message = (f"exact Hessian met negative curvature ({result.message}); "
+                             f"re-solved with Gauss–Newton curvature. {retry.message}").strip()
+            return retry, "gauss_newton (fallback)"
+        return result, kind
+
+    def _run_solver(self, operator: Any, rhs: torch.Tensor, damping: float,
+                    name: str) -> solvers.SolverResult:
+        cfg = self.config
+        if cfg.solver == "direct":
+            return self._direct(operator, rhs, damping)
+        with progress_bar(f"{cfg.solver} solve ({name})", None, self.progress) as advance:
+            def callback(_: int, __: float) -> None:
+                advance(1)
+
+            if cfg.solver == "cg":
+                on_negative = "raise" if cfg.negative_curvature == "raise" else "stop"
+                return solvers.solve_cg(operator, rhs, damping=damping, tol=cfg.tol,
+                                        max_iter=cfg.max_iter, callback=callback,
+                                        on_negative_curvature=on_negative)
+            return solvers.solve_lissa(operator, rhs, damping=damping, scale=cfg.lissa_scale,
+                                       depth=cfg.lissa_depth, tol=cfg.tol, callback=callback)
+
+    def _direct(self, operator: Any, rhs: torch.Tensor, damping: float) -> solvers.SolverResult:
+        if isinstance(operator, CachedGaussNewton):
+            return _dual_solve(operator, rhs, damping)
+        if self.dim > _MAX_DIRECT_PARAMS:
+            raise InfluenceError(
+                f"direct solve of the exact Hessian needs a dense {self.dim}² matrix; it is "
+                f"allowed up to {_MAX_DIRECT_PARAMS} parameters. Use solver='cg', or the "
+                "Gauss–Newton curvature with the gradient cache (solved exactly in the dual)")
+        matrix = solvers.dense_matrix(operator, self.dim, dtype=torch.float32)
+        return solvers.solve_direct(matrix, rhs, damping=damping)
+
+    # --- scoring ---------------------------------------------------------------------------
+
+    def _project(self, solutions: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``∇m_iᵀ s_t`` for every pair and target, (n, T): from the cache or a second pass."""
+        if self.cache:
+            return stats["margin_grads"] @ solutions.T.to(stats["margin_grads"].dtype)
+        parts = []
+        with progress_bar("scoring pass", self.n, self.progress) as advance:
+            for k, shard in enumerate(self._shards()):
+                part = self.store.load(f"proj-{k:05d}") if self.store else None
+                if part is None:
+                    part = {"proj": self._project_shard(shard, solutions)}
+                    if self.store:
+                        self.store.save(f"proj-{k:05d}", part)
+                parts.append(part["proj"])
+                advance(len(shard))
+        return torch.cat(parts)
+
+    def _project_shard(self, shard: range, solutions: torch.Tensor) -> torch.Tensor:
+        rows = self.train.select(shard)
+        out = [self.grads(batch.to(self.model.device)).margin_grads.cpu() @ solutions.T
+               for _, batch in iter_pair_batches(self.model, rows, self.config.batch_size)]
+        self._count_work(len(shard))
+        return torch.cat(out)
+
+    def _influence_columns(self, projections: torch.Tensor,
+                           stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        weights = -torch.sigmoid(-stats["margins"])  # ∇ℓ = weights · ∇m
+        columns = {}
+        for t, name in enumerate(self.targets):
+            proj = projections[:, t].double()
+            if "if" in self.config.scores:
+                columns[self._column("if", name)] = (-(weights * proj) / self.n).numpy()
+            if "flip" in self.config.scores:
+                columns[self._column("flip", name)] = (proj / self.n).numpy()
+        return columns
+
+    def _similarity_columns(self, g_val: torch.Tensor,
+                            stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        weights = -torch.sigmoid(-stats["margins"]).double()
+        grad_norms = weights.abs() * stats["norms2"].sqrt()
+        columns = {}
+        for t, name in enumerate(self.targets):
+            dot = weights * stats["dots"][:, t].double()  # g_valᵀ g_i
+            if "grad_dot" in self.config.scores:
+                columns[self._column("grad_dot", name)] = (-dot).numpy()
+            if "grad_cos" in self.config.scores:
+                denom = grad_norms * g_val[t].double().norm()
+                cos = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0.0)
+                columns[self._column("grad_cos", name)] = (-cos).numpy()
+        return columns
+
+    def _self_influence(self, stats: dict[str, torch.Tensor]) -> np.ndarray:
+        if not self.cache:
+            raise InfluenceError(
+                "self_influence needs the per-pair gradient cache "
+                f"({self.meta['gradient_cache']['bytes'] / 2**20:.0f} MB); raise "
+                "memory_budget_mb or drop self_influence from the scores")
+        if self.n > _MAX_DUAL_PAIRS:
+            raise InfluenceError(f"self_influence is limited to {_MAX_DUAL_PAIRS} pairs")
+        damping = self.meta.get("damping") or self._damping(stats)
+        quad = _dual_quadratic(gauss_newton_weights(stats["margins"]), stats["margin_grads"],
+                               damping)
+        weights = torch.sigmoid(-stats["margins"]).double()
+        return (weights**2 * quad).numpy()
+
+    def _column(self, score: str, target: str) -> str:
+        return score if len(self.targets) == 1 else f"{score}@{target}"
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _table(self, columns: dict[str, np.ndarray],
+               stats: dict[str, torch.Tensor]) -> pd.DataFrame:
+        table = pd.DataFrame({"id": list(self.train["id"])})
+        for name, values in columns.items():
+            table[name] = values
+        for name in columns:
+            table[f"rank_{name}"] = _ranks(table[name].to_numpy())
+        table["margin"] = stats["margins"].double().numpy()
+        text = {"id", "prompt", "chosen", "rejected"}
+        for name in self.train.column_names:
+            if name not in text and name not in table:
+                table[name] = list(self.train[name])
+        return table
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "method": {"scores": list(self.config.scores), "curvature": self.config.curvature,
+                       "solver": self.config.solver},
+            "config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "n_train": self.n,
+            "n_parameters": self.dim,
+            "targets": {n: len(d) for n, d in self.targets.items()},
+            "timings_seconds": self.timings,
+            "sign_convention": "every score is a harm: larger = more harmful; rank 1 = most",
+            **self.meta,
+        }
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Rank 1 = largest harm; ties broken by position so ranks are a permutation."""
+    order = np.argsort(-values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    return ranks
+
+
+def _result_record(result: solvers.SolverResult) -> dict[str, Any]:
+    return {"method": result.method, "iterations": result.iterations,
+            "residuals": result.residuals, "final_residual":
+            result.residuals[-1] if result.residuals else None,
+            "converged": result.converged, "damping": result.damping,
+            "negative_curvature": result.negative_curvature, "message": result.message}
+
+
+def _dual_factor(weights: torch.Tensor, jacobian: torch.Tensor,
+                 damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U = W^{1/2} J / √n`` and the Cholesky factor of ``λI + UUᵀ`` (n × n).
+
+    ``(UᵀU + λI)⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U) / λ`` (Woodbury): with n pairs < P parameters the
+    damped Gauss–Newton system is solved exactly at the cost of an n × n factorisation.
+    """
+    if damping <= 0:
+        raise InfluenceError("the dual Gauss–Newton solve needs damping > 0")
+    j = jacobian.double()
+    u = weights.double().sqrt()[:, None] * j / math.sqrt(j.shape[0])
+    gram = u @ u.T
+    gram.diagonal().add_(damping)
+    return u, torch.linalg.cholesky(gram)
+
+
+def _dual_solve(operator: CachedGaussNewton, rhs: torch.Tensor,
+                damping: float) -> solvers.SolverResult:
+    u, chol = _dual_factor(operator.weights, operator.jacobian, damping)
+    b = rhs.double()
+    inner = torch.cholesky_solve((u @ b)[:, None], chol)[:, 0]
+    x = (b - u.T @ inner) / damping
+    residual = float((operator(x.float()).double() + damping * x - b).norm() / b.norm())
+    return solvers.SolverResult(x.to(rhs.dtype), 0, [residual], True, "direct", damping,
+                                message="exact Gauss–Newton solve in the n-dimensional dual")
+
+
+def _dual_quadratic(weights: torch.Tensor, jacobian: torch.Tensor,
+                    damping: float) -> torch.Tensor:
+    """``∇m_iᵀ (G+λI)⁻¹ ∇m_i`` for every pair at once, via the dual."""
+    u, chol = _dual_factor(weights, jacobian, damping)
+    j = jacobian.double()
+    cross = u @ j.T  # (n, n): column i is U ∇m_i
+    z = torch.linalg.solve_triangular(chol, cross, upper=False)
+    return ((j**2).sum(dim=1) - (z**2).sum(dim=0)) / damping
