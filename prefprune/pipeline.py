@@ -163,8 +163,13 @@ def _split_of(data: PreparedData, split: str) -> datasets.Dataset:
 
 
 def demo_train_config(seed: int = 0) -> TrainConfig:
-    """Training settings of the demo, sized to finish in a few minutes on two CPU cores."""
-    return TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, seed=seed)
+    """Training settings of the demo, sized to finish in a few minutes on two CPU cores.
+
+    One epoch at a high rate with small batches (101 steps on the ~800 synthetic train pairs)
+    already reaches ~86% test accuracy with MiniLM; at the library default (batch 16, 5e-4)
+    one epoch barely moves the loss.
+    """
+    return TrainConfig(epochs=1, batch_size=8, learning_rate=5e-3, seed=seed)
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Training and evaluation: learning happens, runs repeat exactly, accumulation is a batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.training import TrainConfig, evaluate, train_reward_model
+
+FAST = TrainConfig(epochs=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def still_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT without dropout: dropout masks depend on batch shapes, which would make
+    accumulated small batches differ from one large batch for reasons unrelated to the sums."""
+    directory = tmp_path_factory.mktemp("still") / "bert"
+    shutil.copytree(tiny_bert, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def trained(backbone: Path, pairs, config: TrainConfig) -> tuple[RewardModel, object]:
+    model = RewardModel.create(RewardModelConfig(backbone=str(backbone)), seed=config.seed)
+    return model, train_reward_model(model, pairs, config, progress=False)
+
+
+def margins_of(model: RewardModel, pairs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.margins(model.encode_pairs(pairs["prompt"], pairs["chosen"],
+                                                pairs["rejected"])).double()
+
+
+def test_training_lowers_the_loss_and_learns(tiny_bert, toy_pairs):
+    model, result = trained(tiny_bert, toy_pairs, FAST)
+    assert len(result.epoch_losses) == FAST.epochs
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert result.steps == FAST.epochs * 3 and result.pairs == len(toy_pairs)
+    assert result.tokens > 0 and result.tokens_per_second > 0
+    assert evaluate(model, toy_pairs, progress=False).accuracy > 0.75
+
+
+def test_same_seed_gives_bit_identical_parameters(tiny_bert, toy_pairs):
+    config = TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2)
+    first, second = (trained(tiny_bert, toy_pairs, config)[0].trainable_state()
+                     for _ in range(2))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(still_bert, toy_pairs):
+    pairs = toy_pairs.select(range(8))
+    big, big_result = trained(still_bert, pairs, TrainConfig(epochs=2, batch_size=8))
+    small, small_result = trained(still_bert, pairs,
+                                  TrainConfig(epochs=2, batch_size=4, grad_accum_steps=2))
+    assert big_result.steps == small_result.steps == 2
+    big_state, small_state = big.trainable_state(), small.trainable_state()
+    # The head bias cancels in every margin: its true gradient is zero and Adam turns the
+    # rounding noise left in it into arbitrary lr-sized steps, so only the other tensors compare.
+    for name in (n for n in big_state if not n.endswith("modules_to_save.default.bias")):
+        torch.testing.assert_close(small_state[name], big_state[name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(margins_of(small, pairs), margins_of(big, pairs), rtol=0, atol=1e-5)
+
+
+def test_evaluate_matches_a_hand_computation(tiny_bert, toy_pairs):
+    model, _ = trained(tiny_bert, toy_pairs, TrainConfig(epochs=1, batch_size=4))
+    margins = margins_of(model, toy_pairs)
+    result = evaluate(model, toy_pairs, batch_size=5, progress=False)
+    torch.testing.assert_close(torch.tensor(result.margins, dtype=torch.float64), margins,
+                               rtol=0, atol=1e-5)
+    assert result.pairs == len(toy_pairs)
+    assert result.accuracy == pytest.approx(float((margins > 0).double().mean()))
+    assert result.loss == pytest.approx(float(F.softplus(-margins).mean()), abs=1e-6)
+    assert result.margin_mean == pytest.approx(float(margins.mean()), abs=1e-6)
+    assert result.margin_median == pytest.approx(float(margins.median()), abs=1e-5)
+
+
+def test_empty_dataset_raises(tiny_bert, toy_pairs):
+    model = RewardModel.create(RewardModelConfig(backbone=str(tiny_bert)))
+    empty = toy_pairs.select([])
+    with pytest.raises(ValueError, match="empty"):
+        train_reward_model(model, empty, FAST, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, empty, progress=False)
