@@ -31,7 +31,6 @@ from prefprune.data import DataError, IngestionReport, load_preferences
 from prefprune.data.formats import MAPPABLE
 from prefprune.data.loader import FORMATS
 from prefprune.pipeline import (
-    DemoResult,
     PreparedData,
     TrainOutcome,
     evaluate_saved,
@@ -117,9 +116,9 @@ def option(name: str, kind: Any, default: Any, help: str, *, panel: str,
     """A keyword-only command parameter carrying its typer option: ``--name-with-dashes``,
     and for a bool a plain on-switch (no ``--no-...`` twin)."""
     decls = (f"--{name.replace('_', '-')}",) if kind is bool else ()
-    info = typer.Option(*decls, help=help, rich_help_panel=panel, **info)
+    spec = typer.Option(*decls, help=help, rich_help_panel=panel, **info)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[kind, info])
+                             annotation=Annotated[kind, spec])
 
 
 def with_options(*groups: OptionGroup) -> Callable[[F], F]:
@@ -229,7 +228,8 @@ DATA_OPTIONS = OptionGroup("data_options", build_data_options, (
     _data("format", str, "auto", f"Input layout: {', '.join(FORMATS)}."),
     _data("column", list[str] | None, None,
           "Map a canonical column (id, prompt, chosen, rejected) to yours as "
-          "CANONICAL=COLUMN, e.g. --column prompt=question. Repeatable."),
+          "CANONICAL=COLUMN, e.g. --column prompt=question. Repeatable.",
+          metavar="CANONICAL=COLUMN"),
     _data("strict", bool, False, "Stop at the first bad row instead of skipping and reporting it."),
     _data("hub_config", str | None, None, "Configuration of a hub dataset (e.g. comparisons)."),
     _data("hub_split", str | None, None, "Only this split of a hub or saved dataset."),
@@ -440,7 +440,7 @@ def demo_command(
     quiet: QuietFlag = False,
 ) -> None:
     """Train the default backbone on the embedded synthetic set; report the headline figures."""
-    result: DemoResult = run_demo(seed=seed, output=output, progress=not quiet)
+    result = run_demo(seed=seed, output=output, progress=not quiet)
     if json_output:
         print_json({**outcome_dict(result.outcome), "wall_seconds": result.seconds})
         return
