@@ -186,7 +186,7 @@ class DemoResult:
         test = self.outcome.metrics["test"]
         sizes = data.sizes()
         return [
-            ("data", f"{report.source} ({report.format})"),
+            ("data", f"{Path(report.source).name} ({report.format})"),
             ("rows read = kept + skipped",
              f"{report.read} = {report.kept} + {len(report.skipped)}"),
             ("train / validation / test pairs",
