@@ -192,7 +192,18 @@ def _attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
         fan_in_fan_out="c_attn" in targets,  # GPT-2's Conv1D stores weights transposed
     )
     with _quiet_peft():
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
+    _freeze_head_bias(model)
+    return model
+
+
+def _freeze_head_bias(model: nn.Module) -> None:
+    """The head's bias adds the same constant to both rewards of a pair, so it cancels in every
+    margin: its gradient is rounding noise that Adam would turn into real steps, and it adds a
+    zero-curvature direction to H. It is not part of θ."""
+    for name, param in model.named_parameters():
+        if name.endswith(".modules_to_save.default.bias"):
+            param.requires_grad_(False)
 
 
 @contextmanager
@@ -289,6 +300,7 @@ class RewardModel:
         base = _load_backbone(source, config, tokenizer.pad_token_id)
         with _quiet_peft():
             model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        _freeze_head_bias(model)
         model.eval()
         loaded = cls(model, tokenizer, config)
         loaded.metadata = meta.get("metadata", {})

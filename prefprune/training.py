@@ -21,7 +21,7 @@ class TrainConfig:
 
     epochs: int = 3
     batch_size: int = 16
-    learning_rate: float = 5e-4
+    learning_rate: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     grad_accum_steps: int = 1
@@ -157,7 +157,7 @@ def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainCo
         batch = batch.to(device)
         with _autocast(device, config.bf16):
             losses = bradley_terry_loss(model.margins(batch))
-        (losses.sum() / (config.batch_size * config.grad_accum_steps)).backward()
+        (losses.sum() / _step_pairs(i, len(order), config)).backward()
         total += float(losses.detach().sum())
         count += len(rows)
         result.tokens += batch.tokens
@@ -169,6 +169,14 @@ def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainCo
             result.steps += 1
         advance(len(rows))
     return total / count
+
+
+def _step_pairs(batch_index: int, total: int, config: TrainConfig) -> int:
+    """Pairs in the optimiser step that batch ``batch_index`` belongs to, so that a short last
+    batch or accumulation group is weighted like the others: each step minimises a mean."""
+    group = config.batch_size * config.grad_accum_steps
+    start = (batch_index // config.grad_accum_steps) * group
+    return min(group, total - start)
 
 
 @torch.no_grad()
