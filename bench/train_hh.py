@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", type=Path, default=None, help="also save the trained model")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -42,6 +43,7 @@ def main() -> None:
         data,
         RewardModelConfig(max_length=args.max_length, lora_r=args.lora_r),
         TrainConfig(epochs=args.epochs, seed=args.seed),
+        output=args.save,
     )
     figures = {
         "ingestion": data.report.to_dict(),

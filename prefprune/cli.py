@@ -30,6 +30,7 @@ from typer.core import TyperGroup
 from prefprune.data import DataError, IngestionReport, load_preferences
 from prefprune.data.formats import MAPPABLE
 from prefprune.data.loader import FORMATS
+from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, InfluenceError
 from prefprune.pipeline import (
     PreparedData,
     TrainOutcome,
@@ -38,6 +39,7 @@ from prefprune.pipeline import (
     prepare_data,
     recorded_seed,
     run_demo,
+    score_pairs,
     train_and_evaluate,
 )
 from prefprune.reward_model import ModelError, RewardModelConfig
@@ -266,6 +268,51 @@ TRAIN_OPTIONS = OptionGroup("train_config", build_train_config, (
     _train("device", str, _TRAIN_DEFAULTS.device, "auto (CUDA when present), cpu, cuda or cuda:N."),
 ))
 
+_influence = partial(option, panel="Influence options")
+_INFLUENCE_DEFAULTS = InfluenceConfig()
+
+
+def build_influence_config(*, scores: str, curvature: str, solver: str, damping: float,
+                           absolute_damping: bool, tol: float, max_iter: int,
+                           curvature_samples: int | None, memory_budget_mb: float,
+                           negative_curvature: str, score_batch_size: int) -> InfluenceConfig:
+    try:
+        return InfluenceConfig(
+            scores=parse_list(scores) or (), curvature=curvature, solver=solver,
+            damping=damping, damping_relative=not absolute_damping, tol=tol, max_iter=max_iter,
+            curvature_samples=curvature_samples, memory_budget_mb=memory_budget_mb,
+            negative_curvature=negative_curvature, batch_size=score_batch_size)
+    except InfluenceError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+INFLUENCE_OPTIONS = OptionGroup("influence_config", build_influence_config, (
+    _influence("scores", str, ",".join(_INFLUENCE_DEFAULTS.scores),
+               f"Comma-separated scores to compute: {', '.join(ALL_SCORES)}."),
+    _influence("curvature", str, _INFLUENCE_DEFAULTS.curvature,
+               "gauss_newton (PSD, cheap with the gradient cache) or hessian (exact, by "
+               "double backward)."),
+    _influence("solver", str, _INFLUENCE_DEFAULTS.solver,
+               "cg (conjugate gradient), lissa, or direct (exact: the Gauss–Newton system in "
+               "the dual, or a dense Hessian for small models)."),
+    _influence("damping", float, _INFLUENCE_DEFAULTS.damping,
+               "Damping λ added to the curvature; relative to the mean Gauss–Newton "
+               "eigenvalue unless --absolute-damping.", min=0.0),
+    _influence("absolute_damping", bool, False, "Read --damping as an absolute λ."),
+    _influence("tol", float, _INFLUENCE_DEFAULTS.tol, "Relative residual at which CG/LiSSA stop.",
+               min=0.0),
+    _influence("max_iter", int, _INFLUENCE_DEFAULTS.max_iter, "CG iteration cap.", min=1),
+    _influence("curvature_samples", int | None, None,
+               "Define the curvature on a seeded subsample of this many training pairs.", min=1),
+    _influence("memory_budget_mb", float, _INFLUENCE_DEFAULTS.memory_budget_mb,
+               "RAM allowed for cached per-pair gradients; past it the engine streams.", min=0.0),
+    _influence("negative_curvature", str, _INFLUENCE_DEFAULTS.negative_curvature,
+               "When CG meets negative curvature of the exact Hessian: gauss_newton (re-solve "
+               "with Gauss–Newton), raise, or stop."),
+    _influence("score_batch_size", int, _INFLUENCE_DEFAULTS.batch_size,
+               "Pairs per gradient batch while scoring.", min=1),
+))
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
                                                        "of tables.")]
 QuietFlag = Annotated[bool, typer.Option("--quiet", help="Hide progress bars.")]
@@ -361,6 +408,32 @@ def print_outcome(outcome: TrainOutcome) -> None:
     stdout.print(metrics_table(outcome.metrics))
 
 
+def solves_table(meta: Mapping[str, Any]) -> Table:
+    table = Table("target", "curvature", "solver", "iterations", "final residual", "converged",
+                  title=f"inverse-HVP solves (damping {meta.get('damping', float('nan')):.3g})")
+    for target, solve in meta.get("solves", {}).items():
+        residual = solve["final_residual"]
+        table.add_row(escape(target), solve["curvature"], solve["method"],
+                      str(solve["iterations"]), "" if residual is None else f"{residual:.2e}",
+                      "yes" if solve["converged"] else f"no: {escape(solve['message'])}")
+    return table
+
+
+def top_table(table: Any, top: int) -> Table:
+    """The ``top`` most harmful pairs by the first score, with every score's rank beside it
+    (for several targets, the ranks against the whole validation split)."""
+    ranked = [c for c in table.columns
+              if c.startswith("rank_") and ("@" not in c or c.endswith("@validation"))]
+    first = ranked[0] if ranked else None
+    out = Table("id", *[c.removeprefix("rank_") for c in ranked],
+                title=f"most harmful pairs by {first.removeprefix('rank_') if first else '-'} "
+                      "(ranks; 1 = most harmful)")
+    if first is not None:
+        for _, row in table.nsmallest(top, first).iterrows():
+            out.add_row(escape(str(row["id"])), *[str(row[c]) for c in ranked])
+    return out
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 @data_app.command("inspect")
@@ -430,6 +503,46 @@ def evaluate_command(
                     "metrics": metrics_dict({split: result})})
         return
     stdout.print(metrics_table({split: result}))
+
+
+@app.command("score")
+@with_options(DATA_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS, INFLUENCE_OPTIONS)
+def score_command(
+    output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
+                                              "with the run's metadata is written beside it.")],
+    data_options: DataOptions,
+    model_config: RewardModelConfig,
+    train_config: TrainConfig,
+    influence_config: InfluenceConfig,
+    data: DataArg = None,
+    model: Annotated[Path | None, typer.Option(
+        help="A trained reward model directory. Omitted: train one first with the model and "
+             "training options.")] = None,
+    target_column: Annotated[str | None, typer.Option(
+        help="Also score against each value of this validation column (e.g. subreddit).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Where finished shards are kept for resuming. Default: <output>.work.")] = None,
+    top: Annotated[int, typer.Option(help="How many most harmful pairs to print.", min=0)] = 5,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Score every training pair: how removing (or flipping) it would change validation loss."""
+    seed = recorded_seed(model) if model is not None else train_config.seed
+    prepared = prepare_data(data, seed=seed, **data_options.kwargs())
+    outcome = score_pairs(prepared, model, influence_config, model_config=model_config,
+                          train_config=train_config, target_column=target_column,
+                          output=output, work_dir=work_dir, progress=not quiet)
+    meta = outcome.result.metadata
+    if json_output:
+        print_json({"output": str(output), "metadata": meta})
+        return
+    if outcome.trained is not None:
+        print_outcome(outcome.trained)
+    stdout.print(solves_table(meta))
+    stdout.print(top_table(outcome.result.table, top))
+    stdout.print(f"{meta['n_train']} pairs scored over {meta['n_parameters']:,} parameters in "
+                 f"{sum(meta['timings_seconds'].values()):.1f} s; saved "
+                 f"{escape(str(output))} and its .json sidecar")
 
 
 @app.command("demo")

@@ -26,6 +26,7 @@ from prefprune.data import (
     load_preferences,
     split_preferences,
 )
+from prefprune.influence.scores import InfluenceConfig, ScoreResult, compute_scores
 from prefprune.reward_model import METADATA_FILE, RewardModel, RewardModelConfig
 from prefprune.training import (
     EvalResult,
@@ -228,3 +229,72 @@ def run_demo(
 def metrics_dict(metrics: Mapping[str, EvalResult]) -> dict[str, Any]:
     """JSON form of per-split metrics (without the per-pair margins)."""
     return {name: result.to_dict() for name, result in metrics.items()}
+
+
+@dataclass
+class ScoreOutcome:
+    """Scores of every training pair, the model they were taken at, and where they were saved."""
+
+    result: ScoreResult
+    model: RewardModel
+    trained: TrainOutcome | None
+    paths: tuple[Path, Path] | None
+
+
+def validation_targets(data: PreparedData, by: str | None = None) -> dict[str, datasets.Dataset]:
+    """The validation split as one target, plus one target per value of column ``by``.
+
+    Per-group targets (e.g. per subreddit) show whether a pair hurts one slice of the data
+    while helping another.
+    """
+    validation = _split_of(data, "validation")
+    if len(validation) == 0:
+        raise DataError("the validation split is empty; influence needs validation pairs")
+    targets = {"validation": validation}
+    if by is None:
+        return targets
+    if by not in validation.column_names:
+        raise DataError(f"unknown target column '{by}'; columns are "
+                        f"{', '.join(validation.column_names)}")
+    values = validation[by]
+    for value in sorted({str(v) for v in values}):
+        rows = [i for i, v in enumerate(values) if str(v) == value]
+        targets[f"{by}={value}"] = validation.select(rows)
+    return targets
+
+
+def score_pairs(
+    data: PreparedData,
+    model: RewardModel | str | os.PathLike | None = None,
+    influence_config: InfluenceConfig | None = None,
+    *,
+    model_config: RewardModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    target_column: str | None = None,
+    output: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ScoreOutcome:
+    """Score every training pair of ``data`` against its validation split.
+
+    ``model`` is a trained :class:`RewardModel`, a saved model directory, or ``None`` to train
+    one first with ``model_config``/``train_config``. With ``output`` the table and sidecar are
+    written there; intermediate shards go to ``work_dir`` (default: ``<output>.work``) so that
+    an interrupted run, started again, resumes.
+    """
+    trained = None
+    if model is None:
+        trained = train_and_evaluate(data, model_config, train_config, progress=progress)
+        model = trained.model
+    elif not isinstance(model, RewardModel):
+        model = RewardModel.load(model)
+    if work_dir is None and output is not None:
+        work_dir = Path(output).with_name(Path(output).name + ".work")
+    result = compute_scores(model, data.splits["train"], validation_targets(data, target_column),
+                            influence_config, work_dir=work_dir, progress=progress)
+    result.metadata["source"] = data.source
+    result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
+    if trained is not None:
+        result.metadata["model_metrics"] = metrics_dict(trained.metrics)
+    paths = result.save(output) if output is not None else None
+    return ScoreOutcome(result, model, trained, paths)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import fingerprint
 from ..progress import progress_bar
 from ..reward_model import RewardModel, save_json_atomic
 from ..training import iter_pair_batches
@@ -120,6 +121,10 @@ class ScoreResult:
         return path, sidecar
 
 
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def model_fingerprint(model: RewardModel) -> str:
     """sha256 over θ's values and the model config: the scores' identity of the model."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
@@ -163,7 +168,7 @@ class _Engine:
         self.grads = MarginGradientComputer(model, config.gradient_mode)
         self.n, self.dim = len(train), self.grads.dim
         self.timings: dict[str, float] = {}
-        self.meta: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {"pairs_through_gradient_passes": 0}
         key = self._run_key()
         self.store = ShardStore(Path(work_dir), key) if work_dir is not None else None
         cache_bytes = self.n * self.dim * 4
@@ -172,13 +177,20 @@ class _Engine:
                                        "budget_mb": config.memory_budget_mb}
 
     def _run_key(self) -> str:
-        from ..data import fingerprint
-
+        """Identity of the pass-1 shards: the model, the data and the shard layout."""
         self.meta["model_fingerprint"] = model_fingerprint(self.model)
         self.meta["data_fingerprint"] = fingerprint(self.train)
         self.meta["validation_fingerprints"] = {n: fingerprint(d) for n, d in self.targets.items()}
-        payload = {**self.meta, "config": self.config.to_dict()}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest({k: self.meta[k] for k in
+                        ("model_fingerprint", "data_fingerprint", "validation_fingerprints")},
+                       self.config.shard_size)
+
+    def _solve_key(self) -> str:
+        """Identity of a solve (and of the projections that use it) within one run."""
+        cfg = self.config
+        return "solve-" + _digest(cfg.curvature, cfg.solver, cfg.damping, cfg.damping_relative,
+                                  cfg.tol, cfg.max_iter, cfg.lissa_depth, cfg.lissa_scale,
+                                  cfg.negative_curvature, cfg.curvature_samples, cfg.seed)
 
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -263,8 +275,7 @@ class _Engine:
         return part
 
     def _count_work(self, pairs: int) -> None:
-        self.meta["pairs_through_gradient_passes"] = (
-            self.meta.get("pairs_through_gradient_passes", 0) + pairs)
+        self.meta["pairs_through_gradient_passes"] += pairs
 
     # --- curvature and solve ---------------------------------------------------------------
 
@@ -296,9 +307,10 @@ class _Engine:
     def _solve(self, g_val: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """``s_t = (H+λI)⁻¹ g_val_t`` for every target, (T, P); saved for resume."""
         damping = self._damping(stats)
-        saved = self.store.load("solve") if self.store else None
+        key = self._solve_key()
+        saved = self.store.load(key) if self.store else None
         if saved is not None:
-            self.meta["solves"] = self.store.load_json("solve")
+            self.meta["solves"] = self.store.load_json(key)
             return saved["solutions"]
         records, solutions = {}, []
         for name, rhs in zip(self.targets, g_val):
@@ -308,8 +320,8 @@ class _Engine:
         self.meta["solves"] = records
         out = torch.stack(solutions)
         if self.store:
-            self.store.save("solve", {"solutions": out})
-            self.store.save_json("solve", records)
+            self.store.save(key, {"solutions": out})
+            self.store.save_json(key, records)
         return out
 
     def _solve_one(self, rhs: torch.Tensor, damping: float, stats: dict[str, torch.Tensor],
@@ -361,11 +373,12 @@ class _Engine:
         parts = []
         with progress_bar("scoring pass", self.n, self.progress) as advance:
             for k, shard in enumerate(self._shards()):
-                part = self.store.load(f"proj-{k:05d}") if self.store else None
+                name = f"proj-{self._solve_key()}-{k:05d}"
+                part = self.store.load(name) if self.store else None
                 if part is None:
                     part = {"proj": self._project_shard(shard, solutions)}
                     if self.store:
-                        self.store.save(f"proj-{k:05d}", part)
+                        self.store.save(name, part)
                 parts.append(part["proj"])
                 advance(len(shard))
         return torch.cat(parts)
