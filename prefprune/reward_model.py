@@ -374,7 +374,7 @@ class RewardModel:
         tok = self.tokenizer
         limit = self.config.max_length
         budget = limit - tok.num_special_tokens_to_add(pair=True)
-        response_lengths = [len(ids) for ids in tok(responses, add_special_tokens=False).input_ids]
+        response_lengths = self._token_counts(responses)
         fits = [n < budget for n in response_lengths]
         rows: list[dict[str, list]] = [{} for _ in prompts]
         whole = [i for i, ok in enumerate(fits) if ok]
@@ -384,15 +384,20 @@ class RewardModel:
             encoded = tok([prompts[i] for i in whole], [responses[i] for i in whole],
                           truncation="only_first", max_length=limit)
             self._scatter(rows, whole, encoded)
-            prompt_ids = tok([prompts[i] for i in whole], add_special_tokens=False).input_ids
+            prompt_lengths = self._token_counts([prompts[i] for i in whole])
             self.encoding_stats.prompts_truncated += sum(
-                len(p) + response_lengths[i] > budget for p, i in zip(prompt_ids, whole))
+                p + response_lengths[i] > budget for p, i in zip(prompt_lengths, whole))
         if cut:
             tok.truncation_side = "right"
             self._scatter(rows, cut, tok([responses[i] for i in cut], truncation=True,
                                          max_length=limit))
             self.encoding_stats.responses_truncated += len(cut)
         return rows
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        """Untruncated token counts (``verbose=False``: long texts are expected here)."""
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)
+        return [len(ids) for ids in encoded.input_ids]
 
     @staticmethod
     def _scatter(rows: list[dict[str, list]], where: list[int], encoded: Any) -> None:
