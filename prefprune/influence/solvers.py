@@ -238,12 +238,15 @@ def solve_cg(
         if callback is not None:
             callback(k, rel)
         if rel <= tol:
-            return _cg_result(x, residuals, damping, True, f"converged in {k} iterations")
+            return _result("cg", x, residuals, len(residuals), damping, True,
+                           f"converged in {k} iterations")
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return _cg_result(
+    return _result(
+        "cg",
         x,
         residuals,
+        len(residuals),
         damping,
         False,
         f"not converged after max_iter={max_iter} (relative residual {residuals[-1]:.3g} > "
@@ -295,20 +298,20 @@ def solve_lissa(
             callback(step, rel)
         if rel <= tol:
             msg = f"converged in {step} steps (scale {scale:.4g})"
-            return _lissa_result(x / scale, residuals, products + step, damping, True, msg)
+            return _result("lissa", x / scale, residuals, products + step, damping, True, msg)
         if not math.isfinite(rel) or rel > _LISSA_GROWTH_LIMIT * min(residuals):
             msg = (
                 f"diverged at step {step} (relative residual {rel:.3g}): scale {scale:.4g} is "
                 "below the largest eigenvalue of H + λI; increase scale (or damping, if H + λI "
                 "is indefinite)"
             )
-            return _lissa_result(x / scale, residuals, products + step, damping, False, msg)
+            return _result("lissa", x / scale, residuals, products + step, damping, False, msg)
         x = x + r
     msg = (
         f"not converged after depth={depth} (relative residual {residuals[-1]:.3g} > tol "
         f"{tol:g}); raise depth or damping"
     )
-    return _lissa_result(x / scale, residuals, products + depth, damping, False, msg)
+    return _result("lissa", x / scale, residuals, products + depth, damping, False, msg)
 
 
 def _power_iteration(apply: MatVec, like: torch.Tensor) -> float:
@@ -357,37 +360,12 @@ def _negative_curvature(
     )
 
 
-def _cg_result(
-    x: torch.Tensor, residuals: list[float], damping: float, converged: bool, message: str
-) -> SolverResult:
-    return SolverResult(
-        solution=x,
-        iterations=len(residuals),
-        residuals=residuals,
-        converged=converged,
-        method="cg",
-        damping=float(damping),
-        message=message,
-    )
-
-
-def _lissa_result(
-    x: torch.Tensor,
-    residuals: list[float],
-    products: int,
-    damping: float,
-    converged: bool,
-    message: str,
-) -> SolverResult:
-    return SolverResult(
-        solution=x,
-        iterations=products,
-        residuals=residuals,
-        converged=converged,
-        method="lissa",
-        damping=float(damping),
-        message=message,
-    )
+def _result(method: str, x: torch.Tensor, residuals: list[float], products: int,
+            damping: float, converged: bool, message: str) -> SolverResult:
+    """An iterative solver's outcome (products = curvature products spent)."""
+    return SolverResult(solution=x, iterations=products, residuals=residuals,
+                        converged=converged, method=method, damping=float(damping),
+                        message=message)
 
 
 def _zero_result(rhs: torch.Tensor, method: str, damping: float) -> SolverResult:
