@@ -424,15 +424,11 @@ def test_bad_inputs_raise(model, data, tiny_bert):
                        progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="InfluenceConfig does not validate gradient_mode; a "
-                   "typo surfaces later as a ValueError from MarginGradientComputer")
 def test_bad_gradient_mode_raises_influence_error():
     with pytest.raises(InfluenceError, match="gradient_mode"):
         InfluenceConfig(gradient_mode="vmap")
 
 
-@pytest.mark.xfail(strict=True, reason="negative_curvature='raise' is ignored by the direct "
-                   "solver: an indefinite H + λI is solved and used silently")
 def test_negative_curvature_raise_also_stops_the_direct_solver(model, data, truth):
     damping = -0.1 * float(torch.linalg.eigvalsh(truth.hessian)[0])
     with pytest.raises((InfluenceError, NegativeCurvatureError), match="positive definite"):

@@ -90,6 +90,7 @@ class InfluenceConfig:
         _choice("curvature", self.curvature, ("gauss_newton", "hessian"))
         _choice("solver", self.solver, ("cg", "lissa", "direct"))
         _choice("negative_curvature", self.negative_curvature, ("gauss_newton", "raise", "stop"))
+        _choice("gradient_mode", self.gradient_mode, ("hooks", "loop"))
         if self.damping < 0 or self.batch_size < 1 or self.shard_size < 1:
             raise InfluenceError("damping must be >= 0 and batch/shard sizes >= 1")
 
@@ -340,7 +341,12 @@ class _Engine:
                     name: str) -> solvers.SolverResult:
         cfg = self.config
         if cfg.solver == "direct":
-            return self._direct(operator, rhs, damping)
+            result = self._direct(operator, rhs, damping)
+            if result.negative_curvature and cfg.negative_curvature == "raise":
+                raise InfluenceError(
+                    f"the damped curvature H + λI (λ = {damping:.3g}) is not positive "
+                    "definite; raise the damping or use Gauss–Newton curvature")
+            return result
         with progress_bar(f"{cfg.solver} solve ({name})", None, self.progress) as advance:
             def callback(_: int, __: float) -> None:
                 advance(1)
