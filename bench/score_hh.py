@@ -6,8 +6,9 @@
 On the shared HH-RLHF pairs (split 60/15/25 by prompt, seed 0) with a reward model trained by
 bench/train_hh.py, in one process: one training epoch of a fresh model (``t_epoch``), then
 scoring with CG-IF (Gauss–Newton), gradient similarity alone, and the exact Gauss–Newton solve
-in the dual (the reference). Reports each time as a ratio to ``t_epoch``, CG iterations and
-final residual, and Spearman agreement between the methods. Not a test: figures only.
+in the dual (the reference, reusing the CG run's gradient shards). Reports each time as a
+ratio to ``t_epoch``, CG iterations and final residual, and Spearman agreement between the
+methods. Not a test: figures only.
 """
 
 from __future__ import annotations
@@ -57,9 +58,13 @@ def main() -> None:
                                                 curvature_samples=args.hessian_samples,
                                                 max_iter=50)
     results, figures = {}, {"t_epoch_seconds": t_epoch, "n_train": len(train)}
+    # The exact reference reuses the CG run's finished gradient shards (same work dir): its
+    # time is the validation pass plus the dual solve, not a fresh gradient pass.
+    shared = args.out.with_name("score_hh.work")
+    work_dirs = {"cg_if": shared, "direct_if": shared}
     for name, config in runs.items():
-        result, seconds = timed(lambda c=config: compute_scores(model, train, targets, c,
-                                                                progress=False))
+        result, seconds = timed(lambda c=config, n=name: compute_scores(
+            model, train, targets, c, work_dir=work_dirs.get(n), progress=False))
         results[name] = result
         figures[name] = {"seconds": seconds, "ratio_to_epoch": seconds / t_epoch,
                          "stages": result.metadata["timings_seconds"],
