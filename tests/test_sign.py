@@ -4,18 +4,31 @@ briefly trained reward model's harm scores are larger for the flipped pairs than
 Nothing here is a fixture made to pass: the generator's flips come from its annotator model
 (random workers, Bradley–Terry noise), the reward model is the tiny BERT trained by the normal
 training loop, and the scores come from the normal engine. Measured on this setup: mean `if`
-harm 0.0048 (flipped, 25 pairs) vs −0.0017 (clean, 119), AUROC 0.68; training loss
-0.693 → 0.673 in 8 epochs. The tiny model learns little, so only group means are asserted.
+harm 0.0048 (flipped, 25 pairs) vs −0.0017 (clean, 119), AUROC 0.68; mean `loss` 0.693 vs
+0.662 (AUROC 0.51); training loss 0.693 → 0.673 in 8 epochs. The tiny model learns little,
+so only group means are asserted.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prefprune.data import generate_synthetic, load_preferences, split_preferences
 from prefprune.influence.scores import InfluenceConfig, compute_scores
 from prefprune.reward_model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, train_reward_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
+    make double backward up to 50× slower; the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")
