@@ -15,6 +15,16 @@ import torch
 TINY_KINDS = ("bert", "gpt2", "llama")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
+    make double backward up to 50× slower; no result depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_config(kind: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     from transformers import BertConfig, GPT2Config, LlamaConfig
 

@@ -31,17 +31,6 @@ WORDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    make double backward up to 50× slower; the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def random_text(rng: torch.Generator, low: int, high: int) -> str:
     length = int(torch.randint(low, high, (1,), generator=rng))
     return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (length,), generator=rng))

@@ -28,17 +28,6 @@ REJECTED = [LONG_RESPONSE, "no", "lyon", "a number like seven or eight or nine",
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    make double backward up to 50× slower; the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def make_model(backbone: Path, seed: int = 1, **config) -> RewardModel:
     model = RewardModel.create(
         RewardModelConfig(backbone=str(backbone), max_length=MAX_LENGTH, **config))

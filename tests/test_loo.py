@@ -30,17 +30,6 @@ NEUTRAL = ["apple", "river", "stone", "cloud", "table", "paper", "ocean", "music
            "window", "seven", "later", "number", "silver", "orange", "mountain"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    make double backward up to 50× slower; the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def make_pairs(n: int, seed: int, prefix: str, flip_share: float) -> datasets.Dataset:
     """Random-word pairs; the chosen response leans on GOOD words, the rejected on BAD ones,
     with random lengths and mixes. A seeded share of labels is flipped (chosen ↔ rejected)."""

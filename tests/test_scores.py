@@ -43,17 +43,6 @@ N_TRAIN, N_VAL = 16, 8
 TARGET_SCORES = ("if", "flip", "grad_dot", "grad_cos")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    make double backward up to 50× slower; the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def pairs(n: int, seed: int, prefix: str) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
 

@@ -12,23 +12,11 @@ so only group means are asserted.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from prefprune.data import generate_synthetic, load_preferences, split_preferences
 from prefprune.influence.scores import InfluenceConfig, compute_scores
 from prefprune.reward_model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, train_reward_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    make double backward up to 50× slower; the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 @pytest.fixture(scope="module")
