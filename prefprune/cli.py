@@ -419,6 +419,15 @@ def solves_table(meta: Mapping[str, Any]) -> Table:
     return table
 
 
+def detection_table(detection: Mapping[str, Mapping[str, float]]) -> Table:
+    """Per score: how well it ranks the known flipped labels first (0.5 AUROC = chance)."""
+    metrics = list(next(iter(detection.values())))
+    table = Table("score", *metrics, title="finding flipped labels in the training pairs")
+    for name, values in detection.items():
+        table.add_row(name, *[f"{values[m]:.3f}" for m in metrics])
+    return table
+
+
 def top_table(table: Any, top: int) -> Table:
     """The ``top`` most harmful pairs by the first score, with every score's rank beside it
     (for several targets, the ranks against the whole validation split)."""
@@ -555,10 +564,14 @@ def demo_command(
     """Train the default backbone on the embedded synthetic set; report the headline figures."""
     result = run_demo(seed=seed, output=output, progress=not quiet)
     if json_output:
-        print_json({**outcome_dict(result.outcome), "wall_seconds": result.seconds})
+        print_json({**outcome_dict(result.outcome), "wall_seconds": result.seconds,
+                    "flip_detection": result.detection,
+                    "scoring": result.scores.metadata if result.scores else None})
         return
     stdout.print(pairs_table("prefprune demo", result.rows()))
     stdout.print(metrics_table(result.outcome.metrics))
+    if result.detection:
+        stdout.print(detection_table(result.detection))
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from prefprune.data import (
     load_preferences,
     split_preferences,
 )
-from prefprune.influence.scores import InfluenceConfig, ScoreResult, compute_scores
+from prefprune.detection import detection_report
+from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
 from prefprune.reward_model import METADATA_FILE, RewardModel, RewardModelConfig
 from prefprune.training import (
     EvalResult,
@@ -179,6 +180,8 @@ class DemoResult:
 
     outcome: TrainOutcome
     seconds: float
+    scores: ScoreResult | None = None
+    detection: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs of the headline table, in reading order."""
@@ -200,8 +203,20 @@ class DemoResult:
             ("test loss", f"{test.loss:.4f}"),
             ("seconds per epoch", f"{sum(train.epoch_seconds) / len(train.epoch_seconds):.1f}"),
             ("training tokens/s", f"{train.tokens_per_second:,.0f}"),
+            *self._scoring_rows(),
             ("wall seconds", f"{self.seconds:.1f}"),
         ]
+
+    def _scoring_rows(self) -> list[tuple[str, str]]:
+        if self.scores is None:
+            return []
+        meta = self.scores.metadata
+        solve = meta["solves"]["validation"] if meta.get("solves") else None
+        rows = [("scoring seconds", f"{sum(meta['timings_seconds'].values()):.1f}")]
+        if solve is not None:
+            rows.append(("CG iterations / final residual",
+                         f"{solve['iterations']} / {solve['final_residual']:.1e}"))
+        return rows
 
 
 def run_demo(
@@ -212,7 +227,8 @@ def run_demo(
     model_config: RewardModelConfig | None = None,
     train_config: TrainConfig | None = None,
 ) -> DemoResult:
-    """Train and evaluate the default backbone on the embedded synthetic set.
+    """Train and evaluate the default backbone on the embedded synthetic set, then score every
+    training pair and measure how well each score finds the simulated annotators' flipped labels.
 
     The synthetic test split is labelled by the generator's true preference, so test accuracy
     measures agreement with the truth, not with noisy annotators. ``seed`` seeds the split and
@@ -223,7 +239,23 @@ def run_demo(
     data = prepare_data(seed=seed)
     outcome = train_and_evaluate(data, model_config, train_config, output=output,
                                  progress=progress)
-    return DemoResult(outcome, time.perf_counter() - start)
+    scored = score_pairs(data, outcome.model, InfluenceConfig(scores=DEMO_SCORES, seed=seed),
+                         progress=progress).result
+    return DemoResult(outcome, time.perf_counter() - start, scored, flip_detection(scored.table))
+
+
+#: Scores the demo computes: influence, gradient similarity and the two controls.
+DEMO_SCORES = ("if", "grad_cos", "loss", "random")
+
+
+def flip_detection(table: Any, fraction: float = 0.1) -> dict[str, dict[str, float]]:
+    """Detection quality of each score against known flipped labels (the synthetic set's
+    ``label_flipped`` ground truth, or injected flips); empty when the data has none."""
+    if "label_flipped" not in table:
+        return {}
+    truth = table["label_flipped"].astype(bool).to_numpy()
+    return {name: detection_report(table[name].to_numpy(), truth, fraction)
+            for name in ALL_SCORES if name in table}
 
 
 def metrics_dict(metrics: Mapping[str, EvalResult]) -> dict[str, Any]:

@@ -101,3 +101,8 @@ def test_run_demo_reports_the_headline_figures(monkeypatch, synthetic, tiny_bert
     assert {"test loss", "seconds per epoch", "training tokens/s"} <= set(rows)
     assert demo.seconds >= demo.outcome.seconds > 0
     assert (tmp_path / "demo" / METADATA_FILE).is_file()
+    # the demo scores every training pair and measures flip detection against ground truth
+    assert set(demo.detection) == {"if", "grad_cos", "loss", "random"}
+    assert all(0.0 <= d["auroc"] <= 1.0 for d in demo.detection.values())
+    assert len(demo.scores.table) == len(demo.outcome.data.splits["train"])
+    assert {"scoring seconds", "CG iterations / final residual"} <= set(rows)
