@@ -222,7 +222,11 @@ class _Engine:
         return ScoreResult(self._table(columns, stats), self._metadata())
 
     def _validation_gradients(self) -> torch.Tensor:
-        """Mean loss gradient per target, (T, P)."""
+        """Mean loss gradient per target, (T, P); saved, so a resumed run skips the pass."""
+        saved = self.store.load("validation") if self.store else None
+        if saved is not None:
+            self.meta["validation_loss"] = dict(zip(self.targets, saved["losses"].tolist()))
+            return saved["gradients"]
         rows, losses = [], {}
         for name, data in self.targets.items():
             total = torch.zeros(self.dim)
@@ -237,7 +241,11 @@ class _Engine:
             rows.append(total / len(data))
             losses[name] = loss / len(data)
         self.meta["validation_loss"] = losses
-        return torch.stack(rows)
+        gradients = torch.stack(rows)
+        if self.store:
+            self.store.save("validation", {"gradients": gradients,
+                                           "losses": torch.tensor(list(losses.values()))})
+        return gradients
 
     def _shards(self) -> list[range]:
         size = self.config.shard_size
@@ -253,6 +261,8 @@ class _Engine:
                     part = self._gradient_shard(shard, g_val)
                     if self.store:
                         self.store.save(f"grads-{k:05d}", part)
+                if not self.cache:  # a shard saved by a run with a larger budget
+                    part.pop("margin_grads", None)
                 parts.append(part)
                 advance(len(shard))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
