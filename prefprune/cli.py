@@ -24,7 +24,7 @@ import datasets
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from prefprune.data import DataError, IngestionReport, load_preferences
@@ -343,7 +343,7 @@ def print_report(report: IngestionReport, max_issues: int = 10) -> None:
     for reason, count in report.by_reason().items():
         reasons.add_row(reason, str(count))
     stdout.print(reasons)
-    issues = Table("where", "reason", "field", "detail",
+    issues = Table(Column("where", overflow="fold"), "reason", "field", "detail",
                    title=f"first {min(max_issues, len(report.skipped))} of "
                          f"{len(report.skipped)} skipped rows")
     for row in report.skipped[:max_issues]:
