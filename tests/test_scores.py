@@ -24,6 +24,7 @@ from torch.func import functional_call
 from prefprune.influence.curvature import CachedGaussNewton, gauss_newton_weights
 from prefprune.influence.scores import (
     ALL_SCORES,
+    DEFAULT_DAMPING,
     InfluenceConfig,
     InfluenceError,
     ScoreResult,
@@ -115,7 +116,7 @@ class Truth:
         return self._hessian
 
     def relative_damping(self, factor: float) -> float:
-        return factor * float(self.ggn.trace()) / self.dim
+        return factor * float(self.ggn.trace()) / min(N_TRAIN, self.dim)  # trace / rank
 
     def validation_gradient(self, validation: datasets.Dataset) -> torch.Tensor:
         batch = self.model.encode_pairs(validation["prompt"], validation["chosen"],
@@ -212,7 +213,7 @@ def test_table_layout(default_run, data):
 
 def test_sidecar_records_the_run(default_run, truth):
     meta = default_run.metadata
-    assert meta["damping"] == pytest.approx(truth.relative_damping(1e-2), rel=1e-5)
+    assert meta["damping"] == pytest.approx(truth.relative_damping(DEFAULT_DAMPING), rel=1e-5)
     solve = meta["solves"]["validation"]
     assert solve["method"] == "cg" and solve["converged"] and solve["curvature"] == "gauss_newton"
     assert solve["iterations"] >= 1 and len(solve["residuals"]) == solve["iterations"]

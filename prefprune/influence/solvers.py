@@ -28,8 +28,6 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[int, float], None]
 NegativeCurvaturePolicy = Literal["raise", "stop", "gauss_newton"]
 
-DEFAULT_RELATIVE_DAMPING: float = 1e-2
-"""Default damping as a fraction of the mean Hessian eigenvalue (see :func:`resolve_damping`)."""
 
 _POWER_ITERATIONS = 20
 _POWER_SAFETY = 1.1
@@ -74,16 +72,11 @@ def resolve_damping(damping: float, *, relative: bool, scale: float) -> float:
     """Return the absolute damping λ: ``damping`` itself, or ``damping · scale``.
 
     Relative damping makes one setting portable across models whose losses and
-    parameter counts put the curvature on very different scales. ``scale``
-    should be :func:`curvature_scale` (the mean eigenvalue ``trace(H)/dim``).
+    parameter counts put the curvature on very different scales. ``scale`` is a
+    curvature scale, e.g. :func:`curvature_scale` (the mean eigenvalue ``trace(H)/dim``).
 
-    Default for the engine: ``relative=True`` with
-    :data:`DEFAULT_RELATIVE_DAMPING` = 1e-2. At 1 % of the mean curvature the
-    damping barely changes directions with typical curvature, yet it bounds the
-    condition number of ``H + λI`` by ``100 · λ_max / mean`` so CG fits its
-    iteration budget, and it is more likely than 1e-3 to cover the small
-    negative eigenvalues of the exact Bradley–Terry Hessian (the
-    ``−σ(−m)∇²m`` term), which would otherwise force the Gauss–Newton retry.
+    The engine's default (``InfluenceConfig.damping``) is relative, with the scale taken as
+    the mean non-zero Gauss–Newton eigenvalue; see :mod:`prefprune.influence.scores`.
     """
     _check_damping(damping)
     if not relative:
