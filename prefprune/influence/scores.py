@@ -172,6 +172,7 @@ class _Engine:
         self.grads = MarginGradientComputer(model, config.gradient_mode)
         self.n, self.dim = len(train), self.grads.dim
         self.timings: dict[str, float] = {}
+        self._operators: dict[str, Any] = {}
         self.meta: dict[str, Any] = {"pairs_through_gradient_passes": 0}
         key = self._run_key()
         self.store = ShardStore(Path(work_dir), key) if work_dir is not None else None
@@ -318,8 +319,17 @@ class _Engine:
         return sorted(torch.randperm(self.n, generator=generator)[:samples].tolist())
 
     def _operator(self, kind: str, stats: dict[str, torch.Tensor]):
+        """The curvature operator of ``kind``, built once per run and shared by all targets
+        (a view of the cache when every pair defines H, never a copy of it)."""
+        if kind not in self._operators:
+            self._operators[kind] = self._build_operator(kind, stats)
+        return self._operators[kind]
+
+    def _build_operator(self, kind: str, stats: dict[str, torch.Tensor]):
         rows = self._curvature_rows()
         if kind == "gauss_newton" and self.cache:
+            if len(rows) == self.n:
+                return CachedGaussNewton(stats["margins"], stats["margin_grads"])
             index = torch.tensor(rows)
             return CachedGaussNewton(stats["margins"][index], stats["margin_grads"][index])
         data = self.train.select(rows)
