@@ -150,7 +150,7 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
 def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainConfig,
                optimizer: torch.optim.Optimizer, scheduler: Any, result: TrainResult,
                device: torch.device, advance: Any) -> float:
-    params = [p for _, p in model.trainable_parameters()]
+    params = optimizer.param_groups[0]["params"]  # the same θ the optimiser steps
     total, count = 0.0, 0
     n_batches = math.ceil(len(order) / config.batch_size)
     for i, (rows, batch) in enumerate(iter_pair_batches(model, train, config.batch_size, order)):
