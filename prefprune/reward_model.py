@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_cache import HEAD_NAMES, FrozenLayerCache, layer_stack
+
 FORMAT_VERSION = 1
 METADATA_FILE = "prefprune.json"
 
@@ -33,8 +35,6 @@ _TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
     ("c_attn",),  # GPT-2
     ("q_lin", "v_lin"),  # DistilBERT
 )
-# Names of the one-output scoring head, by architecture family.
-_HEAD_NAMES = ("classifier", "score", "head")
 
 
 class ModelError(Exception):
@@ -54,7 +54,9 @@ class RewardModelConfig:
 
     ``backbone`` is a local path or a hub name (the hub is reached only when the user names
     one); ``None`` means the offline default. ``target_modules=None`` detects the attention
-    projections of BERT-, GPT-2- and Llama-style models.
+    projections of BERT-, GPT-2- and Llama-style models. ``lora_layers=k`` adapts only the top
+    k transformer layers (``None``: all of them); the layers below are then frozen, and a
+    :class:`~prefprune.layer_cache.FrozenLayerCache` can skip recomputing them.
     """
 
     backbone: str | None = None
@@ -65,6 +67,7 @@ class RewardModelConfig:
     target_modules: tuple[str, ...] | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "eager"
+    lora_layers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -129,7 +132,7 @@ def detect_target_modules(model: nn.Module) -> tuple[str, ...]:
 
 def _head_name(model: nn.Module) -> str:
     children = dict(model.named_children())
-    for name in _HEAD_NAMES:
+    for name in HEAD_NAMES:
         if name in children:
             return name
     raise ModelError(f"cannot find the scoring head among {sorted(children)}")
@@ -190,11 +193,24 @@ def _attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
         target_modules=list(targets),
         modules_to_save=[_head_name(model)],
         fan_in_fan_out="c_attn" in targets,  # GPT-2's Conv1D stores weights transposed
+        **_layer_selection(model, config.lora_layers),
     )
     with _quiet_peft():
         model = get_peft_model(model, lora)
     _freeze_head_bias(model)
     return model
+
+
+def _layer_selection(model: nn.Module, lora_layers: int | None) -> dict[str, Any]:
+    """PEFT arguments that restrict LoRA to the top ``lora_layers`` layers."""
+    if lora_layers is None:
+        return {}
+    _, pattern, layers = layer_stack(model)
+    if not 1 <= lora_layers <= len(layers):
+        raise ModelError(f"lora_layers must be between 1 and {len(layers)} for this backbone, "
+                         f"got {lora_layers}")
+    return {"layers_to_transform": list(range(len(layers) - lora_layers, len(layers))),
+            "layers_pattern": pattern}
 
 
 def _freeze_head_bias(model: nn.Module) -> None:
@@ -229,6 +245,7 @@ class RewardModel:
         self.config = config
         self.metadata: dict[str, Any] = {}
         self.encoding_stats = EncodingStats()
+        self.layer_cache: FrozenLayerCache | None = None
 
     # --- construction -------------------------------------------------------------------
 
@@ -404,8 +421,20 @@ class RewardModel:
         for j, i in enumerate(where):
             rows[i] = {key: values[j] for key, values in encoded.items()}
 
+    def use_layer_cache(self, cache: FrozenLayerCache | None) -> None:
+        """Serve the frozen lower layers from ``cache`` (shareable between models on the same
+        backbone and adapted layers); ``None`` turns caching off."""
+        if cache is not None:
+            try:
+                cache.bind(self.config.backbone or default_backbone(), self.model)
+            except ValueError as exc:
+                raise ModelError(f"cannot cache the frozen layers: {exc}") from exc
+        self.layer_cache = cache
+
     def rewards(self, batch: PairBatch) -> torch.Tensor:
         """Scalar reward per row, shape (2B,)."""
+        if self.layer_cache is not None:
+            return self.layer_cache.rewards(self.model, batch.inputs)
         return self.model(**batch.inputs).logits.squeeze(-1).float()
 
     def margins(self, batch: PairBatch) -> torch.Tensor:
