@@ -1,4 +1,12 @@
-"""Train and evaluate a reward model on preference pairs with the Bradley–Terry loss."""
+"""Train and evaluate a reward model on preference pairs with the Bradley–Terry loss.
+
+Under ``torchrun`` training is data-parallel (see :mod:`prefprune.distributed`): every process
+walks the same seeded batch order, computes the loss gradient of its slice of each batch, and
+the slices' gradient sums are all-reduced before the optimiser step. Each step therefore
+minimises the same batch mean as a single process would, and K processes give the same
+weights as one, up to float summation order (and dropout masks, which depend on the rows a
+process sees).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .progress import progress_bar
 from .reward_model import PairBatch, RewardModel, bradley_terry_loss, seed_everything
 
@@ -73,9 +82,12 @@ class EvalResult:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` takes CUDA when present, else the CPU."""
+    """``auto`` takes CUDA when present, else the CPU. Under ``torchrun`` plain ``cuda`` means
+    this process's own GPU (``LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -116,13 +128,18 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
     """Fit LoRA + head with AdamW, linear warm-up then linear decay, on the BT loss.
 
     Seeded: the same model initialisation, data and config give the same weights on CPU.
+    Under ``torchrun`` every process calls this with the same arguments and ends with the
+    same weights; only the main process shows progress.
     """
     config = config or TrainConfig()
     if len(train) == 0:
         raise ValueError("cannot train on an empty dataset")
+    distributed.setup()
+    progress = progress and distributed.is_main_process()
     device = resolve_device(config.device)
     model.to(device)
     params = [p for _, p in model.trainable_parameters()]
+    distributed.broadcast_from_main(params)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     batches_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -144,6 +161,7 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
             result.epoch_losses.append(loss)
     finally:
         model.model.eval()
+    result.tokens = int(distributed.all_reduce_sum(torch.tensor([result.tokens])))
     return result
 
 
@@ -151,24 +169,55 @@ def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainCo
                optimizer: torch.optim.Optimizer, scheduler: Any, result: TrainResult,
                device: torch.device, advance: Any) -> float:
     params = optimizer.param_groups[0]["params"]  # the same θ the optimiser steps
-    total, count = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, pairs, over this process's slices
     n_batches = math.ceil(len(order) / config.batch_size)
-    for i, (rows, batch) in enumerate(iter_pair_batches(model, train, config.batch_size, order)):
-        batch = batch.to(device)
-        with _autocast(device, config.bf16):
-            losses = bradley_terry_loss(model.margins(batch))
-        (losses.sum() / _step_pairs(i, len(order), config)).backward()
-        total += float(losses.detach().sum())
-        count += len(rows)
-        result.tokens += batch.tokens
+    for i, (size, batch) in enumerate(_my_slices(model, train, order, config.batch_size)):
+        if batch is not None:
+            batch = batch.to(device)
+            with _autocast(device, config.bf16):
+                losses = bradley_terry_loss(model.margins(batch))
+            (losses.sum() / _step_pairs(i, len(order), config)).backward()
+            totals += torch.tensor([float(losses.detach().sum()), batch.size])
+            result.tokens += batch.tokens
         if (i + 1) % config.grad_accum_steps == 0 or i + 1 == n_batches:
+            _sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
-        advance(len(rows))
-    return total / count
+        advance(size)
+    distributed.all_reduce_sum(totals)
+    return float(totals[0] / totals[1])
+
+
+def _my_slices(model: RewardModel, train: Any, order: list[int],
+               batch_size: int) -> Iterator[tuple[int, PairBatch | None]]:
+    """Yield (global batch size, this process's encoded slice of it, or None when empty).
+
+    Every process walks the same batches, so optimiser steps stay aligned across processes.
+    """
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        mine = [rows[i] for i in distributed.my_share(len(rows))]
+        if not mine:
+            yield len(rows), None
+            continue
+        chunk = train[mine]
+        yield len(rows), model.encode_pairs(chunk["prompt"], chunk["chosen"], chunk["rejected"])
+
+
+def _sum_gradients(params: list[torch.Tensor]) -> None:
+    """Sum every process's gradients, in one all-reduce over a flat buffer."""
+    if distributed.world_size() == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    distributed.all_reduce_sum(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
 
 def _step_pairs(batch_index: int, total: int, config: TrainConfig) -> int:
@@ -182,17 +231,25 @@ def _step_pairs(batch_index: int, total: int, config: TrainConfig) -> int:
 @torch.no_grad()
 def evaluate(model: RewardModel, records: Any, *, batch_size: int = 64,
              progress: bool = True) -> EvalResult:
-    """Pairwise accuracy (a tie counts one half), mean BT loss and margin statistics."""
+    """Pairwise accuracy (a tie counts one half), mean BT loss and margin statistics.
+
+    Under ``torchrun`` each process evaluates its share of the batches and the margins are
+    all-reduced, so every process returns the full result.
+    """
     if len(records) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     device = model.device
-    margins = torch.empty(len(records), dtype=torch.float64)
+    order = length_order(records)
+    mine = [order[i] for i in distributed.my_share(len(order))]
+    margins = torch.zeros(len(records), dtype=torch.float64)
     model.model.eval()
-    with progress_bar("evaluate", len(records), progress) as advance:
-        for rows, batch in iter_pair_batches(model, records, batch_size, length_order(records)):
+    with progress_bar("evaluate", len(mine), progress and distributed.is_main_process()) \
+            as advance:
+        for rows, batch in iter_pair_batches(model, records, batch_size, mine):
             with _autocast(device, None):
                 margins[rows] = model.margins(batch.to(device)).double().cpu()
             advance(len(rows))
+    distributed.all_reduce_sum(margins)
     correct = (margins > 0).double() + 0.5 * (margins == 0).double()
     return EvalResult(
         accuracy=float(correct.mean()),

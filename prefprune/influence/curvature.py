@@ -9,7 +9,9 @@ Two curvatures (SPEC §1):
   indefinite. Needs eager attention on CPU (SPEC §6), which :class:`RewardModelConfig` defaults to.
 
 Both can use a seeded subsample of the training pairs; every operator reports ``trace/dim``
-so relative damping has a scale.
+so relative damping has a scale. In a data-parallel run (``sharded=True``) each process holds
+only its share of the pairs; every product is a local partial sum, all-reduced over the process
+group, so all processes see the same product and run the solver in lockstep.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import distributed
 from ..reward_model import PairBatch, RewardModel, bradley_terry_loss
 from .gradients import MarginGradientComputer, flatten
 
@@ -30,33 +33,59 @@ def gauss_newton_weights(margins: torch.Tensor) -> torch.Tensor:
 
 
 class CachedGaussNewton:
-    """GGN products from margins and margin gradients held in memory."""
+    """GGN products from margins and margin gradients held in memory.
 
-    def __init__(self, margins: torch.Tensor, margin_grads: torch.Tensor) -> None:
+    With ``sharded=True`` the rows are this process's share of the pairs (rank order, as
+    :func:`prefprune.distributed.split` assigns them) and products are summed over processes.
+    """
+
+    def __init__(self, margins: torch.Tensor, margin_grads: torch.Tensor, *,
+                 sharded: bool = False) -> None:
         self.jacobian = margin_grads
         self.weights = gauss_newton_weights(margins.to(margin_grads.dtype))
         self.dim = margin_grads.shape[1]
+        self.sharded = sharded
+        rows = torch.tensor([margin_grads.shape[0]])
+        self.sizes = (distributed.gather_rows(rows) if sharded else rows).tolist()
+        self.count = sum(self.sizes)
+        self.offset = sum(self.sizes[: distributed.rank()]) if sharded else 0
         self.products = 0
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(tensor) if self.sharded else tensor
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1
         j = self.jacobian
-        return j.T @ (self.weights * (j @ v.to(j.dtype))) / j.shape[0]
+        return self._reduce(j.T @ (self.weights * (j @ v.to(j.dtype)))) / self.count
 
     def scale(self) -> float:
         """Exact ``trace(G)/P`` from the cached rows."""
         norms = (self.jacobian.double() ** 2).sum(dim=1)
-        return float((self.weights.double() * norms).sum() / (self.jacobian.shape[0] * self.dim))
+        total = self._reduce((self.weights.double() * norms).sum())
+        return float(total / (self.count * self.dim))
+
+    def rows_times(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` for every pair (all processes' rows, in order), (n,)."""
+        local = self.jacobian.double() @ v.double()
+        return distributed.gather_rows(local) if self.sharded else local
+
+    def transpose_times(self, y: torch.Tensor) -> torch.Tensor:
+        """``Jᵀ y`` for a vector ``y`` over every pair, (P,)."""
+        mine = y[self.offset:self.offset + self.jacobian.shape[0]].double()
+        return self._reduce(self.jacobian.double().T @ mine)
 
 
 class StreamingCurvature:
     """GGN or exact-Hessian products over encoded batches, without per-pair storage.
 
     Each product costs one pass over ``batches`` (a forward and one or two backwards per
-    batch); the batches are encoded once and reused by every product.
+    batch); the batches are encoded once and reused by every product. With ``sharded=True``
+    ``batches`` are this process's share and the products are summed over processes.
     """
 
-    def __init__(self, model: RewardModel, batches: list[PairBatch], kind: str) -> None:
+    def __init__(self, model: RewardModel, batches: list[PairBatch], kind: str, *,
+                 sharded: bool = False) -> None:
         if kind not in ("gauss_newton", "hessian"):
             raise ValueError(f"curvature must be 'gauss_newton' or 'hessian', not {kind!r}")
         self.model = model
@@ -64,7 +93,9 @@ class StreamingCurvature:
         self.kind = kind
         self.params = [p for _, p in model.trainable_parameters()]
         self.dim = sum(p.numel() for p in self.params)
-        self.count = sum(b.size for b in batches)
+        self.sharded = sharded
+        count = torch.tensor([sum(b.size for b in batches)])
+        self.count = int(distributed.all_reduce_sum(count) if sharded else count)
         self.products = 0
         self._grads = MarginGradientComputer(model) if kind == "gauss_newton" else None
 
@@ -74,6 +105,8 @@ class StreamingCurvature:
         total = torch.zeros(self.dim, dtype=torch.float32, device=v.device)
         for batch in self.batches:
             total += self._batch_product(batch.to(self.model.device), v)
+        if self.sharded:
+            distributed.all_reduce_sum(total)
         return (total / self.count).to(v.dtype)
 
     def _batch_product(self, batch: PairBatch, v: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,19 @@ shard, margins, ``‖∇m‖²`` and ``g_valᵀ∇m``; the margin gradients them
 they fit the memory budget. Then ``s = (H+λI)⁻¹ g_val`` is solved once per target, and the
 influence scores need ``sᵀ∇m_i``: a product with the cache, or a second streaming pass. Each
 shard and the solve are saved in ``work_dir`` as they finish, so a rerun after a crash resumes.
+
+Under ``torchrun`` (see :mod:`prefprune.distributed`) each process takes a contiguous block of
+shards and of the validation pairs. Validation gradients and curvature products are summed with
+``all_reduce``; per-pair gradients stay on the process that computed them (the cache is
+sharded, never gathered), and only per-pair statistics (margins, norms, projections: O(pairs))
+are gathered in shard order. Every process therefore returns the same table, equal to a
+single-process run up to float rounding; only the main process should save it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import distributed
 from ..data import fingerprint
 from ..progress import progress_bar
 from ..reward_model import RewardModel, save_json_atomic
@@ -39,6 +46,7 @@ from ..training import iter_pair_batches
 from . import solvers
 from .curvature import CachedGaussNewton, StreamingCurvature, gauss_newton_weights
 from .gradients import MarginGradientComputer
+from .projection import ProjectedGradients, RandomProjection
 from .store import ShardStore
 
 ALL_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
@@ -62,7 +70,11 @@ class InfluenceConfig:
     ``damping_relative`` makes ``damping`` a multiple of the mean non-zero Gauss–Newton
     eigenvalue ``trace(G)/min(pairs, P)`` (G's rank is at most that), computed exactly from the
     gradient pass at no extra cost. 0.1 is Kronfluence's default factor too.
-    ``memory_budget_mb`` bounds the per-pair gradient cache; past it the engine streams.
+    ``memory_budget_mb`` bounds the per-pair gradient cache (per process in a distributed run);
+    past it the engine streams and holds nothing of size pairs × parameters.
+    ``projection_dim`` projects every per-pair gradient to that many dimensions with a seeded
+    Rademacher matrix (Johnson–Lindenstrauss), so the stored gradient index costs
+    pairs × projection_dim × 4 bytes; scores become approximations (docs/scaling.md).
     ``curvature_samples`` subsamples (seeded) the pairs that define H.
     ``negative_curvature`` decides what CG does on the exact Hessian when pᵀ(H+λI)p ≤ 0:
     ``"gauss_newton"`` re-solves with the Gauss–Newton curvature (recorded in the sidecar),
@@ -85,6 +97,7 @@ class InfluenceConfig:
     memory_budget_mb: float = 2048.0
     seed: int = 0
     gradient_mode: str = "hooks"
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.scores) - set(ALL_SCORES)
@@ -96,6 +109,11 @@ class InfluenceConfig:
         _choice("gradient_mode", self.gradient_mode, ("hooks", "loop"))
         if self.damping < 0 or self.batch_size < 1 or self.shard_size < 1:
             raise InfluenceError("damping must be >= 0 and batch/shard sizes >= 1")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise InfluenceError("projection_dim must be >= 1 (or None: no projection)")
+        if self.projection_dim is not None and self.curvature != "gauss_newton":
+            raise InfluenceError("projected gradients support Gauss–Newton curvature only: "
+                                 "the exact Hessian has no per-pair form to project")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "scores": list(self.scores)}
@@ -146,7 +164,11 @@ def compute_scores(model: RewardModel, train: Any, validation: Any | Mapping[str
     ``validation`` is one dataset, or a mapping name → dataset for several targets at once
     (e.g. one per subreddit): target-dependent scores then get one column per target,
     ``"{score}@{target}"``.
+
+    Under ``torchrun`` every process must call this with the same arguments; it joins the
+    process group itself, splits the work, and every process gets the same result.
     """
+    distributed.setup()
     engine = _Engine(model, train, _targets(validation), config or InfluenceConfig(),
                      work_dir, progress)
     return engine.run()
@@ -168,27 +190,63 @@ class _Engine:
         if len(train) == 0:
             raise InfluenceError("the training set is empty")
         self.model, self.train, self.targets, self.config = model, train, targets, config
-        self.progress = progress
-        self.grads = MarginGradientComputer(model, config.gradient_mode)
-        self.n, self.dim = len(train), self.grads.dim
+        self.sharded = distributed.world_size() > 1
+        self.progress = progress and distributed.is_main_process()
+        self.n = len(train)
         self.timings: dict[str, float] = {}
         self._operators: dict[str, Any] = {}
-        self.meta: dict[str, Any] = {"pairs_through_gradient_passes": 0}
+        self.meta: dict[str, Any] = {"pairs_through_gradient_passes": 0,
+                                     "world_size": distributed.world_size()}
+        self.grads = self._gradient_computer()
+        self.dim = self.grads.dim
         key = self._run_key()
         self.store = ShardStore(Path(work_dir), key) if work_dir is not None else None
-        cache_bytes = self.n * self.dim * 4
-        self.cache = cache_bytes <= config.memory_budget_mb * 2**20
-        self.meta["gradient_cache"] = {"fits": self.cache, "bytes": cache_bytes,
-                                       "budget_mb": config.memory_budget_mb}
+        self.my_shards = [(k, self._shards()[k])
+                          for k in distributed.my_share(len(self._shards()))]
+        self.rows = range(self.my_shards[0][1].start, self.my_shards[-1][1].stop) \
+            if self.my_shards else range(0)
+        self.cache = self._cache_fits()
+        self.local: dict[str, torch.Tensor] = {}  # this process's margins and gradient cache
+
+    def _gradient_computer(self) -> MarginGradientComputer | ProjectedGradients:
+        grads = MarginGradientComputer(self.model, self.config.gradient_mode)
+        dim = self.config.projection_dim
+        if dim is None:
+            return grads
+        projection = RandomProjection(grads.dim, dim, self.config.seed,
+                                      keep_bytes=self.config.memory_budget_mb * 2**20 / 4)
+        self.meta["projection"] = {"kind": "rademacher", "dim": dim, "from": grads.dim,
+                                   "seed": self.config.seed}
+        return ProjectedGradients(grads, projection)
+
+    def _cache_fits(self) -> bool:
+        """Whether every process's share of the per-pair gradients fits the budget.
+
+        Decided from the shard layout alone, so all processes decide the same.
+        """
+        shards = self._shards()
+        largest = max(sum(len(shards[k]) for k in share)
+                      for share in distributed.split(len(shards)))
+        cache_bytes = largest * self.dim * 4
+        fits = cache_bytes <= self.config.memory_budget_mb * 2**20
+        self.meta["gradient_cache"] = {"fits": fits, "bytes": cache_bytes,
+                                       "budget_mb": self.config.memory_budget_mb}
+        if self.config.projection_dim is not None and not fits:
+            raise InfluenceError(
+                f"projected gradients ({cache_bytes / 2**20:.0f} MB per process) exceed "
+                "memory_budget_mb; lower projection_dim or raise the budget")
+        return fits
 
     def _run_key(self) -> str:
         """Identity of the pass-1 shards: the model, the data and the shard layout."""
         self.meta["model_fingerprint"] = model_fingerprint(self.model)
         self.meta["data_fingerprint"] = fingerprint(self.train)
         self.meta["validation_fingerprints"] = {n: fingerprint(d) for n, d in self.targets.items()}
+        projection = () if self.config.projection_dim is None else \
+            ("projection", self.config.projection_dim, self.config.seed)
         return _digest({k: self.meta[k] for k in
                         ("model_fingerprint", "data_fingerprint", "validation_fingerprints")},
-                       self.config.shard_size)
+                       self.config.shard_size, *projection)
 
     def _solve_key(self) -> str:
         """Identity of a solve (and of the projections that use it) within one run."""
@@ -226,50 +284,77 @@ class _Engine:
         return ScoreResult(self._table(columns, stats), self._metadata())
 
     def _validation_gradients(self) -> torch.Tensor:
-        """Mean loss gradient per target, (T, P); saved, so a resumed run skips the pass."""
-        saved = self.store.load("validation") if self.store else None
+        """Mean loss gradient per target, (T, P); saved, so a resumed run skips the pass.
+
+        Each process sums the gradients of its share of the validation pairs; the sums are
+        all-reduced.
+        """
+        saved = self._load_shared("validation")
         if saved is not None:
             self.meta["validation_loss"] = dict(zip(self.targets, saved["losses"].tolist()))
             return saved["gradients"]
         rows, losses = [], {}
         for name, data in self.targets.items():
-            total = torch.zeros(self.dim)
-            loss = 0.0
-            with progress_bar(f"validation gradients ({name})", len(data),
+            total = torch.zeros(self.dim + 1, dtype=torch.float64)  # gradient sum, loss sum
+            mine = data.select(distributed.my_share(len(data), self.config.batch_size))
+            with progress_bar(f"validation gradients ({name})", len(mine),
                               self.progress) as advance:
-                for idx, batch in iter_pair_batches(self.model, data, self.config.batch_size):
+                for idx, batch in iter_pair_batches(self.model, mine, self.config.batch_size):
                     pairs = self.grads(batch.to(self.model.device))
-                    total += pairs.loss_grads().sum(dim=0).cpu()
-                    loss += float(pairs.losses.sum())
+                    total[:-1] += pairs.loss_grads().sum(dim=0).cpu().double()
+                    total[-1] += float(pairs.losses.sum())
                     advance(len(idx))
-            rows.append(total / len(data))
-            losses[name] = loss / len(data)
+            distributed.all_reduce_sum(total)
+            rows.append((total[:-1] / len(data)).float())
+            losses[name] = float(total[-1]) / len(data)
         self.meta["validation_loss"] = losses
         gradients = torch.stack(rows)
-        if self.store:
-            self.store.save("validation", {"gradients": gradients,
-                                           "losses": torch.tensor(list(losses.values()))})
+        self._save_shared("validation", {"gradients": gradients,
+                                         "losses": torch.tensor(list(losses.values()))})
         return gradients
+
+    def _load_shared(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A saved item every process needs, used only when every process can load it."""
+        saved = self.store.load(name) if self.store else None
+        return saved if distributed.all_agree(saved is not None) else None
+
+    def _save_shared(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.store and distributed.is_main_process():
+            self.store.save(name, tensors)
 
     def _shards(self) -> list[range]:
         size = self.config.shard_size
         return [range(s, min(s + size, self.n)) for s in range(0, self.n, size)]
 
     def _gradient_pass(self, g_val: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pass 1: margins, ‖∇m‖², g_valᵀ∇m (and ∇m itself when cached), shard by shard."""
+        """Pass 1 over this process's shards: margins, ‖∇m‖², g_valᵀ∇m, gathered over processes
+        in shard order, and ∇m itself kept in ``self.local`` when cached."""
         parts: list[dict[str, torch.Tensor]] = []
-        with progress_bar("gradient pass", self.n, self.progress) as advance:
-            for k, shard in enumerate(self._shards()):
-                part = self.store.load(f"grads-{k:05d}") if self.store else None
-                if part is None or (self.cache and "margin_grads" not in part):
-                    part = self._gradient_shard(shard, g_val)
-                    if self.store:
-                        self.store.save(f"grads-{k:05d}", part)
-                if not self.cache:  # a shard saved by a run with a larger budget
-                    part.pop("margin_grads", None)
+        cache = torch.empty(len(self.rows), self.dim) if self.cache else None
+        with progress_bar("gradient pass", len(self.rows), self.progress) as advance:
+            for k, shard in self.my_shards:
+                part = self._load_or_compute_shard(k, shard, g_val)
+                grads = part.pop("margin_grads", None)
+                if cache is not None:  # filled in place: no second copy of the cache
+                    cache[shard.start - self.rows.start:shard.stop - self.rows.start] = grads
                 parts.append(part)
                 advance(len(shard))
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        local = {"margins": _cat([p["margins"] for p in parts], (0,)),
+                 "norms2": _cat([p["norms2"] for p in parts], (0,), torch.float64),
+                 "dots": _cat([p["dots"] for p in parts], (0, len(self.targets)))}
+        self.local = {"margins": local["margins"]}
+        if cache is not None:
+            self.local["margin_grads"] = cache
+        return {key: distributed.gather_rows(value) for key, value in local.items()}
+
+    def _load_or_compute_shard(self, k: int, shard: range,
+                               g_val: torch.Tensor) -> dict[str, torch.Tensor]:
+        part = self.store.load(f"grads-{k:05d}") if self.store else None
+        if part is None or (self.cache and "margin_grads" not in part):
+            part = self._gradient_shard(shard, g_val)
+            if self.store:
+                self.store.save(f"grads-{k:05d}", part)
+        return part
 
     def _gradient_shard(self, shard: range, g_val: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = self.train.select(shard)
@@ -326,21 +411,28 @@ class _Engine:
         return self._operators[kind]
 
     def _build_operator(self, kind: str, stats: dict[str, torch.Tensor]):
+        """Over this process's share of the curvature rows; products are summed over
+        processes. Cached: the rows whose gradients this process holds. Streaming: whole
+        batches of the single-process order, so each batch rounds exactly as it would there."""
         rows = self._curvature_rows()
         if kind == "gauss_newton" and self.cache:
-            if len(rows) == self.n:
-                return CachedGaussNewton(stats["margins"], stats["margin_grads"])
-            index = torch.tensor(rows)
-            return CachedGaussNewton(stats["margins"][index], stats["margin_grads"][index])
+            rows = [r for r in rows if r in self.rows]
+            margins, grads = self.local["margins"], self.local["margin_grads"]
+            if len(rows) < len(self.rows):
+                index = torch.tensor(rows, dtype=torch.long) - self.rows.start
+                margins, grads = margins[index], grads[index]
+            return CachedGaussNewton(margins, grads, sharded=self.sharded)
+        share = distributed.my_share(len(rows), self.config.batch_size)
+        rows = rows[share.start:share.stop]
         data = self.train.select(rows)
         batches = [b for _, b in iter_pair_batches(self.model, data, self.config.batch_size)]
-        return StreamingCurvature(self.model, batches, kind)
+        return StreamingCurvature(self.model, batches, kind, sharded=self.sharded)
 
     def _solve(self, g_val: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """``s_t = (H+λI)⁻¹ g_val_t`` for every target, (T, P); saved for resume."""
         damping = self._damping(stats)
         key = self._solve_key()
-        saved = self.store.load(key) if self.store else None
+        saved = self._load_shared(key)
         if saved is not None:
             self.meta["solves"] = self.store.load_json(key)
             return saved["solutions"]
@@ -351,8 +443,8 @@ class _Engine:
             records[name] = {**_result_record(result), "curvature": curvature}
         self.meta["solves"] = records
         out = torch.stack(solutions)
-        if self.store:
-            self.store.save(key, {"solutions": out})
+        self._save_shared(key, {"solutions": out})
+        if self.store and distributed.is_main_process():
             self.store.save_json(key, records)
         return out
 
@@ -404,12 +496,14 @@ class _Engine:
     # --- scoring ---------------------------------------------------------------------------
 
     def _project(self, solutions: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``∇m_iᵀ s_t`` for every pair and target, (n, T): from the cache or a second pass."""
+        """``∇m_iᵀ s_t`` for every pair and target, (n, T): from this process's cache or a
+        second pass over its shards, gathered over processes in shard order."""
         if self.cache:
-            return stats["margin_grads"] @ solutions.T.to(stats["margin_grads"].dtype)
+            grads = self.local["margin_grads"]
+            return distributed.gather_rows(grads @ solutions.T.to(grads.dtype))
         parts = []
-        with progress_bar("scoring pass", self.n, self.progress) as advance:
-            for k, shard in enumerate(self._shards()):
+        with progress_bar("scoring pass", len(self.rows), self.progress) as advance:
+            for k, shard in self.my_shards:
                 name = f"proj-{self._solve_key()}-{k:05d}"
                 part = self.store.load(name) if self.store else None
                 if part is None:
@@ -418,7 +512,7 @@ class _Engine:
                         self.store.save(name, part)
                 parts.append(part["proj"])
                 advance(len(shard))
-        return torch.cat(parts)
+        return distributed.gather_rows(_cat(parts, (0, len(solutions))))
 
     def _project_shard(self, shard: range, solutions: torch.Tensor) -> torch.Tensor:
         rows = self.train.select(shard)
@@ -463,8 +557,8 @@ class _Engine:
         if self.n > _MAX_DUAL_PAIRS:
             raise InfluenceError(f"self_influence is limited to {_MAX_DUAL_PAIRS} pairs")
         damping = self.meta.get("damping") or self._damping(stats)
-        quad = _dual_quadratic(gauss_newton_weights(stats["margins"]), stats["margin_grads"],
-                               damping)
+        quad = _dual_quadratic(gauss_newton_weights(self.local["margins"]),
+                               self.local["margin_grads"], damping, sharded=self.sharded)
         weights = torch.sigmoid(-stats["margins"]).double()
         return (weights**2 * quad).numpy()
 
@@ -488,6 +582,8 @@ class _Engine:
         return table
 
     def _metadata(self) -> dict[str, Any]:
+        work = torch.tensor([self.meta["pairs_through_gradient_passes"]])
+        self.meta["pairs_through_gradient_passes"] = int(distributed.all_reduce_sum(work))
         return {
             "method": {"scores": list(self.config.scores), "curvature": self.config.curvature,
                        "solver": self.config.solver},
@@ -518,38 +614,51 @@ def _result_record(result: solvers.SolverResult) -> dict[str, Any]:
             "negative_curvature": result.negative_curvature, "message": result.message}
 
 
-def _dual_factor(weights: torch.Tensor, jacobian: torch.Tensor,
-                 damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U = W^{1/2} J / √n`` and the Cholesky factor of ``λI + UUᵀ`` (n × n).
+def _cat(parts: list[torch.Tensor], empty: tuple[int, ...],
+         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Concatenate rows; a process with no shards (more processes than shards) has none."""
+    return torch.cat(parts) if parts else torch.zeros(empty, dtype=dtype)
+
+
+def _dual_factor(weights: torch.Tensor, jacobian: torch.Tensor, damping: float, *,
+                 sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a = √(w/n)``, the Gram matrix ``K = J Jᵀ`` and the Cholesky factor of ``λI + UUᵀ``
+    with ``U = diag(a) J`` (all n × n, over every process's rows when ``sharded``).
 
     ``(UᵀU + λI)⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U) / λ`` (Woodbury): with n pairs < P parameters the
-    damped Gauss–Newton system is solved exactly at the cost of an n × n factorisation.
+    damped Gauss–Newton system is solved exactly at the cost of an n × n factorisation. Only
+    the Gram matrix crosses processes, never the rows themselves.
     """
     if damping <= 0:
         raise InfluenceError("the dual Gauss–Newton solve needs damping > 0")
-    j = jacobian.double()
-    u = weights.double().sqrt()[:, None] * j / math.sqrt(j.shape[0])
-    gram = u @ u.T
-    gram.diagonal().add_(damping)
-    return u, torch.linalg.cholesky(gram)
+    if sharded:
+        weights = distributed.gather_rows(weights)
+        sizes = distributed.gather_rows(torch.tensor([jacobian.shape[0]])).tolist()
+        gram = distributed.gram(jacobian, sizes)
+    else:
+        gram = jacobian.double() @ jacobian.double().T
+    a = (weights.double() / weights.shape[0]).sqrt()
+    system = a[:, None] * gram * a[None, :]
+    system.diagonal().add_(damping)
+    return a, gram, torch.linalg.cholesky(system)
 
 
 def _dual_solve(operator: CachedGaussNewton, rhs: torch.Tensor,
                 damping: float) -> solvers.SolverResult:
-    u, chol = _dual_factor(operator.weights, operator.jacobian, damping)
+    a, _, chol = _dual_factor(operator.weights, operator.jacobian, damping,
+                              sharded=operator.sharded)
     b = rhs.double()
-    inner = torch.cholesky_solve((u @ b)[:, None], chol)[:, 0]
-    x = (b - u.T @ inner) / damping
+    inner = torch.cholesky_solve((a * operator.rows_times(b))[:, None], chol)[:, 0]
+    x = (b - operator.transpose_times(a * inner)) / damping
     residual = float((operator(x.float()).double() + damping * x - b).norm() / b.norm())
     return solvers.SolverResult(x.to(rhs.dtype), 0, [residual], True, "direct", damping,
                                 message="exact Gauss–Newton solve in the n-dimensional dual")
 
 
-def _dual_quadratic(weights: torch.Tensor, jacobian: torch.Tensor,
-                    damping: float) -> torch.Tensor:
-    """``∇m_iᵀ (G+λI)⁻¹ ∇m_i`` for every pair at once, via the dual."""
-    u, chol = _dual_factor(weights, jacobian, damping)
-    j = jacobian.double()
-    cross = u @ j.T  # (n, n): column i is U ∇m_i
+def _dual_quadratic(weights: torch.Tensor, jacobian: torch.Tensor, damping: float, *,
+                    sharded: bool = False) -> torch.Tensor:
+    """``∇m_iᵀ (G+λI)⁻¹ ∇m_i`` for every pair at once (all processes' pairs), via the dual."""
+    a, gram, chol = _dual_factor(weights, jacobian, damping, sharded=sharded)
+    cross = a[:, None] * gram  # (n, n): column i is U ∇m_i
     z = torch.linalg.solve_triangular(chol, cross, upper=False)
-    return ((j**2).sum(dim=1) - (z**2).sum(dim=0)) / damping
+    return (gram.diagonal() - (z**2).sum(dim=0)) / damping

@@ -3,7 +3,9 @@
 Each finished piece (a shard of pass-1 statistics, the solve, a shard of projections) is one
 safetensors file written through a temporary name and a rename. A rerun with the same run key
 (model, data and config fingerprints) reuses what exists; a different key starts afresh in a
-sub-directory of its own, so stale results are never mixed in.
+sub-directory of its own, so stale results are never mixed in. Temporary names carry the process
+id: in a data-parallel run several processes write into one directory, and a process killed
+mid-write leaves only a ``*.tmp-<pid>`` file that no load ever reads.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ class ShardStore:
     def _path(self, name: str, suffix: str) -> Path:
         return self.directory / f"{name}{suffix}"
 
+    @staticmethod
+    def _tmp(path: Path) -> Path:
+        return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
     def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self._path(name, ".safetensors")
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = self._tmp(path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
 
@@ -40,7 +46,7 @@ class ShardStore:
 
     def save_json(self, name: str, data: Any) -> None:
         path = self._path(name, ".json")
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = self._tmp(path)
         tmp.write_text(json.dumps(data, indent=2, default=str))
         os.replace(tmp, path)
 
