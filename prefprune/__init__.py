@@ -1,12 +1,17 @@
 """prefprune: find the preference pairs that make a reward model worse.
 
-The public API follows the data flow — records → model → gradients → scores:
+The public API follows the data flow — records → model → gradients → scores →
+selection → retrain → report:
 
 >>> from prefprune import prepare_data, train_and_evaluate, score_pairs
 >>> data = prepare_data("pairs.jsonl")                 # read, account for every row, split
 >>> outcome = train_and_evaluate(data)                 # LoRA reward model, BT loss
 >>> scores = score_pairs(data, outcome.model)          # IF, flip, gradient similarity, ...
 >>> scores.result.table.nsmallest(10, "rank_if")       # the ten most harmful pairs
+>>> prune_source(scores_path, "pairs.jsonl", "pruned/", by="if", fraction=0.1)
+
+``Experiment(ExperimentConfig(...), "runs/x").run()`` is the whole SPEC §4 protocol: train,
+score, prune per method and fraction, retrain, compare over seeds; ``write_report`` renders it.
 
 Every score is a harm: larger = more harmful, rank 1 = the most harmful pair.
 """
@@ -21,6 +26,12 @@ from prefprune.data import (
     load_preferences,
     split_preferences,
 )
+from prefprune.experiment import (
+    Experiment,
+    ExperimentConfig,
+    ExperimentResult,
+    demo_config,
+)
 from prefprune.influence.scores import (
     ALL_SCORES,
     InfluenceConfig,
@@ -28,16 +39,18 @@ from prefprune.influence.scores import (
     ScoreResult,
     compute_scores,
 )
+from prefprune.layer_cache import FrozenLayerCache
 from prefprune.pipeline import (
     PreparedData,
     ScoreOutcome,
     TrainOutcome,
     evaluate_saved,
     prepare_data,
-    run_demo,
     score_pairs,
     train_and_evaluate,
 )
+from prefprune.pruning import inject_flips, prune_source, select
+from prefprune.report import write_report
 from prefprune.reward_model import ModelError, RewardModel, RewardModelConfig
 from prefprune.training import EvalResult, TrainConfig, TrainResult, evaluate, train_reward_model
 
@@ -47,6 +60,10 @@ __all__ = [
     "ALL_SCORES",
     "DataError",
     "EvalResult",
+    "Experiment",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "FrozenLayerCache",
     "InfluenceConfig",
     "InfluenceError",
     "IngestionReport",
@@ -62,15 +79,19 @@ __all__ = [
     "TrainResult",
     "compute_scores",
     "default_dataset_path",
+    "demo_config",
     "evaluate",
     "evaluate_saved",
     "fingerprint",
     "generate_synthetic",
+    "inject_flips",
     "load_preferences",
     "prepare_data",
-    "run_demo",
+    "prune_source",
     "score_pairs",
+    "select",
     "split_preferences",
     "train_and_evaluate",
     "train_reward_model",
+    "write_report",
 ]

@@ -14,14 +14,17 @@ import functools
 import inspect
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import click
 import datasets
 import typer
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
@@ -30,18 +33,27 @@ from typer.core import TyperGroup
 from prefprune.data import DataError, IngestionReport, load_preferences
 from prefprune.data.formats import MAPPABLE
 from prefprune.data.loader import FORMATS
+from prefprune.experiment import (
+    Experiment,
+    ExperimentConfig,
+    ExperimentResult,
+    demo_config,
+    headline,
+)
 from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, InfluenceError
 from prefprune.pipeline import (
+    DEFAULT_LAYER_CACHE_MB,
     PreparedData,
     TrainOutcome,
     evaluate_saved,
     metrics_dict,
     prepare_data,
     recorded_seed,
-    run_demo,
     score_pairs,
     train_and_evaluate,
 )
+from prefprune.pruning import SelectionError, prune_source, read_scores
+from prefprune.report import write_report
 from prefprune.reward_model import ModelError, RewardModelConfig
 from prefprune.training import EvalResult, TrainConfig, TrainResult, resolve_device
 
@@ -193,11 +205,11 @@ def build_data_options(*, format: str, column: list[str] | None, strict: bool,
 
 
 def build_model_config(*, backbone: str | None, max_length: int, lora_r: int, lora_alpha: int,
-                       lora_dropout: float, target_modules: str | None,
+                       lora_dropout: float, target_modules: str | None, lora_layers: int | None,
                        trust_remote_code: bool) -> RewardModelConfig:
     return RewardModelConfig(backbone=backbone, max_length=max_length, lora_r=lora_r,
                              lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             target_modules=parse_list(target_modules),
+                             target_modules=parse_list(target_modules), lora_layers=lora_layers,
                              trust_remote_code=trust_remote_code)
 
 
@@ -250,6 +262,9 @@ MODEL_OPTIONS = OptionGroup("model_config", build_model_config, (
     _model("target_modules", str | None, None,
            "Comma-separated module names LoRA adapts (e.g. q_proj,v_proj). Default: detected "
            "from the architecture."),
+    _model("lora_layers", int | None, None,
+           "Adapt only the top N transformer layers. The frozen layers below are then computed "
+           "once per sequence and cached (see --layer-cache-mb). Default: all layers.", min=1),
     _model("trust_remote_code", bool, False,
            "Allow custom model code from the backbone's repository to run."),
 ))
@@ -266,6 +281,12 @@ TRAIN_OPTIONS = OptionGroup("train_config", build_train_config, (
            "Seeds the model initialisation, the data order and the split of data without "
            "source splits."),
     _train("device", str, _TRAIN_DEFAULTS.device, "auto (CUDA when present), cpu, cuda or cuda:N."),
+))
+
+CACHE_OPTIONS = OptionGroup("layer_cache_mb", lambda *, layer_cache_mb: layer_cache_mb, (
+    _model("layer_cache_mb", float, DEFAULT_LAYER_CACHE_MB,
+           "RAM for the frozen layers' cached activations when --lora-layers is set; past it, "
+           "sequences are computed through the whole model. 0 turns the cache off.", min=0.0),
 ))
 
 _influence = partial(option, panel="Influence options")
@@ -466,11 +487,12 @@ def inspect_command(
 
 
 @app.command("train")
-@with_options(DATA_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS)
+@with_options(DATA_OPTIONS, MODEL_OPTIONS, CACHE_OPTIONS, TRAIN_OPTIONS)
 def train_command(
     output: Annotated[Path, typer.Option(help="Directory to save the trained reward model to.")],
     data_options: DataOptions,
     model_config: RewardModelConfig,
+    layer_cache_mb: float,
     train_config: TrainConfig,
     data: DataArg = None,
     json_output: JsonFlag = False,
@@ -479,7 +501,7 @@ def train_command(
     """Train a LoRA reward model on DATA's train split and evaluate it on the held-out splits."""
     prepared = prepare_data(data, seed=train_config.seed, **data_options.kwargs())
     outcome = train_and_evaluate(prepared, model_config, train_config, output=output,
-                                 progress=not quiet)
+                                 progress=not quiet, layer_cache_mb=layer_cache_mb)
     if json_output:
         print_json({**outcome_dict(outcome), "output": str(output)})
         return
@@ -515,12 +537,13 @@ def evaluate_command(
 
 
 @app.command("score")
-@with_options(DATA_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS, INFLUENCE_OPTIONS)
+@with_options(DATA_OPTIONS, MODEL_OPTIONS, CACHE_OPTIONS, TRAIN_OPTIONS, INFLUENCE_OPTIONS)
 def score_command(
     output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
                                               "with the run's metadata is written beside it.")],
     data_options: DataOptions,
     model_config: RewardModelConfig,
+    layer_cache_mb: float,
     train_config: TrainConfig,
     influence_config: InfluenceConfig,
     data: DataArg = None,
@@ -540,7 +563,8 @@ def score_command(
     prepared = prepare_data(data, seed=seed, **data_options.kwargs())
     outcome = score_pairs(prepared, model, influence_config, model_config=model_config,
                           train_config=train_config, target_column=target_column,
-                          output=output, work_dir=work_dir, progress=not quiet)
+                          output=output, work_dir=work_dir, progress=not quiet,
+                          layer_cache_mb=layer_cache_mb)
     meta = outcome.result.metadata
     if json_output:
         print_json({"output": str(output), "metadata": meta})
@@ -554,24 +578,221 @@ def score_command(
                  f"{escape(str(output))} and its .json sidecar")
 
 
-@app.command("demo")
-def demo_command(
-    output: Annotated[Path | None, typer.Option(help="Also save the trained model here.")] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the split and the training.")] = 0,
+@app.command("prune")
+@with_options(DATA_OPTIONS)
+def prune_command(
+    scores: Annotated[Path, typer.Argument(help="Score table written by 'prefprune score'.")],
+    data: Annotated[str, typer.Argument(help="The preference data the scores were computed on "
+                                             "(file, saved dataset directory or hub name).")],
+    output: Annotated[Path, typer.Option(help="Directory for the pruned data (same name and "
+                                              "format as DATA), removed.jsonl and prune.json.")],
+    data_options: DataOptions,
+    by: Annotated[str, typer.Option(help="Score column to rank by (e.g. if, grad_cos, loss, "
+                                         "flip, or if@subreddit=tifu).")] = "if",
+    fraction: Annotated[float, typer.Option(help="Share of the scored pairs to act on.",
+                                            min=0.0, max=1.0)] = 0.1,
+    direction: Annotated[str, typer.Option(help="harmful (largest harm first) or helpful "
+                                                "(smallest first).")] = "harmful",
+    relabel: Annotated[bool, typer.Option("--relabel", help="Flip the selected pairs' labels "
+                                                            "instead of removing them.")] = False,
+    top: Annotated[int, typer.Option(help="How many affected pairs to print.", min=0)] = 5,
+    json_output: JsonFlag = False,
+) -> None:
+    """Remove (or relabel) the top pairs by a score; write DATA back in its own format."""
+    try:
+        result = prune_source(scores, data, output, by=by, fraction=fraction,
+                              direction=direction, relabel=relabel,
+                              data_options=data_options.kwargs())
+    except SelectionError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    summary = json.loads(result.summary_file.read_text())
+    if json_output:
+        print_json({**summary, "removed_file": str(result.removed_file)})
+        return
+    verb = "relabelled" if relabel else "removed"
+    stdout.print(f"{verb} {len(result.selection.ids)} of {summary['scored_pairs']} scored pairs "
+                 f"({fraction:.0%} most {direction} by {escape(by)}); rows {result.rewrite.rows_in}"
+                 f" -> {result.rewrite.rows_out}")
+    stdout.print(f"wrote {escape(str(result.rewrite.output))}, "
+                 f"{escape(str(result.removed_file))} and {escape(str(result.summary_file))}")
+    affected = Table("rank", "id", by, title=f"first {min(top, len(result.selection.ids))} "
+                                            f"{verb} pairs")
+    table = read_scores(scores).set_index("id")
+    for rank, pid in enumerate(result.selection.ids[:top], start=1):
+        affected.add_row(str(rank), escape(pid), f"{table.loc[pid, by]:.4g}")
+    stdout.print(affected)
+
+
+def _experiment_overrides(built: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Settings the user typed on the command line, by config section (``""``: top level).
+
+    With --config, only these replace the file's values; flags left at their defaults do not.
+    """
+    ctx = click.get_current_context()
+    out: dict[str, dict[str, Any]] = {}
+    for flag, (section, name, read) in _EXPERIMENT_FLAGS.items():
+        if ctx.get_parameter_source(flag) == ParameterSource.COMMANDLINE:
+            out.setdefault(section, {})[name] = read(built)
+    return out
+
+
+def _field(group: str, name: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda built: getattr(built[group], name)
+
+
+def _value(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda built: built[name]
+
+
+_EXPERIMENT_FLAGS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], Any]]] = {
+    **{p.name: ("model", p.name, _field("model_config", p.name))
+       for p in MODEL_OPTIONS.options},
+    **{p.name: ("train", p.name, _field("train_config", p.name))
+       for p in TRAIN_OPTIONS.options if p.name not in {"seed", "grad_accum"}},
+    "grad_accum": ("train", "grad_accum_steps", _field("train_config", "grad_accum_steps")),
+    **{p.name: ("influence", p.name, _field("influence_config", p.name))
+       for p in INFLUENCE_OPTIONS.options
+       if p.name not in {"scores", "absolute_damping", "score_batch_size"}},
+    "absolute_damping": ("influence", "damping_relative",
+                         _field("influence_config", "damping_relative")),
+    "score_batch_size": ("influence", "batch_size", _field("influence_config", "batch_size")),
+    "scores": ("", "methods", _field("influence_config", "scores")),
+    "seed": ("", "seeds", lambda built: (built["train_config"].seed,)),
+    "layer_cache_mb": ("", "layer_cache_mb", _value("layer_cache_mb")),
+    **{name: ("", name, _value(name)) for name in
+       ("fractions", "seeds", "helpful", "relabel", "inject_flips", "split_seed")},
+}
+
+
+def build_experiment_config(data: str | None, config: Path | None, data_options: DataOptions,
+                            built: Mapping[str, Any]) -> ExperimentConfig:
+    """The YAML file (when given) with the typed flags on top; flags alone otherwise."""
+    base = ExperimentConfig.from_yaml(config) if config is not None else ExperimentConfig()
+    overrides = _experiment_overrides(built)
+    values = base.to_dict()
+    for section, settings in overrides.items():
+        target = values if section == "" else values[section]
+        target.update({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
+    if data is not None:
+        values["data"] = data
+    typed = {k: v for k, v in data_options.kwargs().items()
+             if click.get_current_context().get_parameter_source(
+                 "column" if k == "columns" else k) == ParameterSource.COMMANDLINE}
+    values["data_options"] = {**values["data_options"], **typed}
+    return ExperimentConfig.from_dict(values)
+
+
+def parse_numbers(value: str | None, kind: type, flag: str) -> tuple | None:
+    """``"0.05,0.1"`` -> ``(0.05, 0.1)``; bad syntax is a usage error."""
+    try:
+        return tuple(kind(item) for item in parse_list(value) or ()) or None
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated numbers, got '{value}'",
+                                 param_hint=flag) from exc
+
+
+@app.command("experiment")
+@with_options(DATA_OPTIONS, MODEL_OPTIONS, CACHE_OPTIONS, TRAIN_OPTIONS, INFLUENCE_OPTIONS)
+def experiment_command(
+    output: Annotated[Path, typer.Option(help="Directory for config.yaml, models, scores, runs, "
+                                              "results.json and the report; rerun to resume.")],
+    data_options: DataOptions,
+    model_config: RewardModelConfig,
+    layer_cache_mb: float,
+    train_config: TrainConfig,
+    influence_config: InfluenceConfig,
+    data: DataArg = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
+        exists=True, dir_okay=False)] = None,
+    fractions: Annotated[str | None, typer.Option(
+        help="Comma-separated shares to remove per method. Default 0.05,0.1,0.2.")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        help="Comma-separated replicate seeds. Default 0,1,2.")] = None,
+    helpful: Annotated[bool, typer.Option(help="Also remove the most helpful pairs.")] = True,
+    relabel: Annotated[bool, typer.Option(help="Also flip the top harmful pairs' labels instead "
+                                               "of removing them.")] = True,
+    inject_flips: Annotated[float, typer.Option(
+        help="Swap this seeded share of the training labels first (ground truth kept) and "
+             "measure how well each score finds them.", min=0.0, max=0.99)] = 0.0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split of "
+                                                 "data without source splits.")] = 0,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Train the default backbone on the embedded synthetic set; report the headline figures."""
-    result = run_demo(seed=seed, output=output, progress=not quiet)
+    """Train, score, prune the top-f pairs per method, retrain and compare (SPEC §4), over
+    several seeds; write results.json, report.md and report.html."""
+    built = {"model_config": model_config, "train_config": train_config,
+             "influence_config": influence_config, "layer_cache_mb": layer_cache_mb,
+             "fractions": parse_numbers(fractions, float, "--fractions"),
+             "seeds": parse_numbers(seeds, int, "--seeds"), "helpful": helpful,
+             "relabel": relabel, "inject_flips": inject_flips, "split_seed": split_seed}
+    settings = build_experiment_config(data, config, data_options, built)
+    result = Experiment(settings, output, progress=not quiet,
+                        on_run=None if quiet or json_output else _print_run).run()
+    paths = write_report(result, output)
     if json_output:
-        print_json({**outcome_dict(result.outcome), "wall_seconds": result.seconds,
-                    "flip_detection": result.detection,
-                    "scoring": result.scores.metadata if result.scores else None})
+        print_json({"results": str(output / "results.json"),
+                    **{k: str(v) for k, v in paths.items()}, "summary": result.summary})
         return
-    stdout.print(pairs_table("prefprune demo", result.rows()))
-    stdout.print(metrics_table(result.outcome.metrics))
-    if result.detection:
-        stdout.print(detection_table(result.detection))
+    print_headline(result)
+    stdout.print(f"wrote {escape(str(output / 'results.json'))}, "
+                 f"{escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
+
+
+def _print_run(record: Mapping[str, Any]) -> None:
+    stdout.print(f"  {record['key']}: test accuracy {record['test_accuracy']:.4f} "
+                 f"({record['train_pairs']} pairs, {record['seconds']:.0f} s)")
+
+
+def _stat(value: Mapping[str, Any] | None, signed: bool = False) -> str:
+    if not value:
+        return "–"
+    text = f"{value['mean']:{'+' if signed else ''}.4f}"
+    return text + (f" ± {value['ci95']:.4f}" if value.get("ci95") is not None else "")
+
+
+def print_headline(result: ExperimentResult) -> None:
+    """Test accuracy per method at the first fraction, and flip detection when known."""
+    rows = headline(result)
+    fraction = result.config.fractions[0]
+    table = Table("method", f"test accuracy ({fraction:.0%} removed)", "Δ vs no pruning",
+                  "Δ vs random", "flip AUROC", "flips in top 10%",
+                  title=f"prefprune: {len(result.config.seeds)} seed(s), "
+                        f"{result.seconds / 60:.1f} min")
+    for row in rows:
+        detection = row.get("detection") or {}
+        found = next((v for k, v in detection.items() if k.startswith("found_in_top")), None)
+        table.add_row(row["method"], _stat(row["test_accuracy"]),
+                      _stat(row.get("vs_baseline"), True), _stat(row.get("vs_random"), True),
+                      _stat(detection.get("auroc")), _stat(found))
+    stdout.print(table)
+
+
+@app.command("demo")
+def demo_command(
+    output: Annotated[Path | None, typer.Option(
+        help="Keep the experiment (models, scores, results.json, report) here.")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the training and the random control.")] = 0,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """A small pruning experiment on the embedded synthetic set: train, score, remove the top
+    10% by IF, gradient cosine, loss and random, retrain, and print the headline table."""
+    with tempfile.TemporaryDirectory(prefix="prefprune-demo-") as scratch:
+        where = output or Path(scratch)
+        result = Experiment(demo_config(seed), where, progress=not quiet).run()
+        paths = write_report(result, where) if output is not None else {}
+    if json_output:
+        print_json({"summary": result.summary, "data": result.data,
+                    "seconds": result.seconds, **{k: str(v) for k, v in paths.items()}})
+        return
+    stdout.print(f"{escape(result.data['source'])}: read {result.data['read']} = kept "
+                 f"{result.data['kept']} + skipped {result.data['skipped']}; "
+                 + " / ".join(f"{k} {v}" for k, v in result.data["sizes"].items()))
+    print_headline(result)
+    if paths:
+        stdout.print(f"wrote {escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
 
 
 def main() -> None:

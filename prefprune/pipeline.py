@@ -1,13 +1,14 @@
-"""The steps a user runs end to end: prepare data, train and evaluate, evaluate a saved model.
+"""The steps a user runs end to end: prepare data, train and evaluate, evaluate a saved model,
+score every training pair.
 
 The CLI only parses arguments and prints; everything it does goes through these functions with
 the same defaults, so a Python user gets exactly what ``prefprune train`` or ``prefprune demo``
-would produce.
+would produce. With LoRA on the top layers only (``lora_layers``), these steps serve the
+frozen layers from a :class:`~prefprune.layer_cache.FrozenLayerCache`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -26,8 +27,8 @@ from prefprune.data import (
     load_preferences,
     split_preferences,
 )
-from prefprune.detection import detection_report
-from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
+from prefprune.influence.scores import InfluenceConfig, ScoreResult, compute_scores
+from prefprune.layer_cache import FrozenLayerCache
 from prefprune.reward_model import METADATA_FILE, RewardModel, RewardModelConfig
 from prefprune.training import (
     EvalResult,
@@ -40,6 +41,17 @@ from prefprune.training import (
 
 #: Splits a trained model is measured on; train is fitted, not measured.
 EVAL_SPLITS = ("validation", "test")
+#: RAM for cached frozen-layer activations when LoRA adapts only the top layers.
+DEFAULT_LAYER_CACHE_MB = 2048.0
+
+
+def with_layer_cache(model: RewardModel, budget_mb: float = DEFAULT_LAYER_CACHE_MB,
+                     cache: FrozenLayerCache | None = None) -> RewardModel:
+    """Serve ``model``'s frozen lower layers from ``cache`` (a new one of ``budget_mb`` when not
+    given) if LoRA adapts only its top layers; a budget of 0 turns caching off."""
+    if model.config.lora_layers and budget_mb > 0:
+        model.use_layer_cache(cache or FrozenLayerCache(budget_mb))
+    return model
 
 
 @dataclass
@@ -98,6 +110,7 @@ def train_and_evaluate(
     *,
     output: str | os.PathLike | None = None,
     progress: bool = True,
+    layer_cache_mb: float = DEFAULT_LAYER_CACHE_MB,
 ) -> TrainOutcome:
     """Train a fresh reward model (seeded by ``train_config.seed``) on the train split and
     evaluate it on every non-empty held-out split; save it to ``output`` when given.
@@ -107,7 +120,8 @@ def train_and_evaluate(
     """
     train_config = train_config or TrainConfig()
     start = time.perf_counter()
-    model = RewardModel.create(model_config, seed=train_config.seed)
+    model = with_layer_cache(RewardModel.create(model_config, seed=train_config.seed),
+                             layer_cache_mb)
     result = train_reward_model(model, data.splits["train"], train_config, progress=progress)
     metrics = {name: evaluate(model, data.splits[name], progress=progress)
                for name in EVAL_SPLITS if len(data.splits[name])}
@@ -164,100 +178,6 @@ def _split_of(data: PreparedData, split: str) -> datasets.Dataset:
     return data.splits[split]
 
 
-def demo_train_config(seed: int = 0) -> TrainConfig:
-    """Training settings of the demo, sized to finish in a few minutes on two CPU cores.
-
-    One epoch at a high rate with small batches (101 steps on the ~800 synthetic train pairs)
-    already reaches ~86% test accuracy with MiniLM; at the library default (batch 16, 5e-4)
-    one epoch barely moves the loss.
-    """
-    return TrainConfig(epochs=1, batch_size=8, learning_rate=5e-3, seed=seed)
-
-
-@dataclass
-class DemoResult:
-    """What ``prefprune demo`` reports: the trained outcome and the demo's wall time."""
-
-    outcome: TrainOutcome
-    seconds: float
-    scores: ScoreResult | None = None
-    detection: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-
-    def rows(self) -> list[tuple[str, str]]:
-        """(label, value) pairs of the headline table, in reading order."""
-        data, train = self.outcome.data, self.outcome.train
-        report = data.report
-        test = self.outcome.metrics["test"]
-        sizes = data.sizes()
-        return [
-            ("data", f"{Path(report.source).name} ({report.format})"),
-            ("rows read = kept + skipped",
-             f"{report.read} = {report.kept} + {len(report.skipped)}"),
-            ("train / validation / test pairs",
-             f"{sizes['train']} / {sizes['validation']} / {sizes['test']}"),
-            ("backbone", self.outcome.model.config.backbone or "default (all-MiniLM-L6-v2)"),
-            ("trainable parameters", f"{self.outcome.model.num_trainable:,}"),
-            ("epochs", str(len(train.epoch_losses))),
-            ("final train loss", f"{train.epoch_losses[-1]:.4f}"),
-            ("test accuracy (vs true preference)", f"{test.accuracy:.4f}"),
-            ("test loss", f"{test.loss:.4f}"),
-            ("seconds per epoch", f"{sum(train.epoch_seconds) / len(train.epoch_seconds):.1f}"),
-            ("training tokens/s", f"{train.tokens_per_second:,.0f}"),
-            *self._scoring_rows(),
-            ("wall seconds", f"{self.seconds:.1f}"),
-        ]
-
-    def _scoring_rows(self) -> list[tuple[str, str]]:
-        if self.scores is None:
-            return []
-        meta = self.scores.metadata
-        solve = meta["solves"]["validation"] if meta.get("solves") else None
-        rows = [("scoring seconds", f"{sum(meta['timings_seconds'].values()):.1f}")]
-        if solve is not None:
-            rows.append(("CG iterations / final residual",
-                         f"{solve['iterations']} / {solve['final_residual']:.1e}"))
-        return rows
-
-
-def run_demo(
-    *,
-    seed: int = 0,
-    output: str | os.PathLike | None = None,
-    progress: bool = True,
-    model_config: RewardModelConfig | None = None,
-    train_config: TrainConfig | None = None,
-) -> DemoResult:
-    """Train and evaluate the default backbone on the embedded synthetic set, then score every
-    training pair and measure how well each score finds the simulated annotators' flipped labels.
-
-    The synthetic test split is labelled by the generator's true preference, so test accuracy
-    measures agreement with the truth, not with noisy annotators. ``seed`` seeds the split and
-    training (it replaces ``train_config.seed``).
-    """
-    start = time.perf_counter()
-    train_config = dataclasses.replace(train_config or demo_train_config(), seed=seed)
-    data = prepare_data(seed=seed)
-    outcome = train_and_evaluate(data, model_config, train_config, output=output,
-                                 progress=progress)
-    scored = score_pairs(data, outcome.model, InfluenceConfig(scores=DEMO_SCORES, seed=seed),
-                         progress=progress).result
-    return DemoResult(outcome, time.perf_counter() - start, scored, flip_detection(scored.table))
-
-
-#: Scores the demo computes: influence, gradient similarity and the two controls.
-DEMO_SCORES = ("if", "grad_cos", "loss", "random")
-
-
-def flip_detection(table: Any, fraction: float = 0.1) -> dict[str, dict[str, float]]:
-    """Detection quality of each score against known flipped labels (the synthetic set's
-    ``label_flipped`` ground truth, or injected flips); empty when the data has none."""
-    if "label_flipped" not in table:
-        return {}
-    truth = table["label_flipped"].astype(bool).to_numpy()
-    return {name: detection_report(table[name].to_numpy(), truth, fraction)
-            for name in ALL_SCORES if name in table}
-
-
 def metrics_dict(metrics: Mapping[str, EvalResult]) -> dict[str, Any]:
     """JSON form of per-split metrics (without the per-pair margins)."""
     return {name: result.to_dict() for name, result in metrics.items()}
@@ -306,6 +226,7 @@ def score_pairs(
     output: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    layer_cache_mb: float = DEFAULT_LAYER_CACHE_MB,
 ) -> ScoreOutcome:
     """Score every training pair of ``data`` against its validation split.
 
@@ -316,10 +237,11 @@ def score_pairs(
     """
     trained = None
     if model is None:
-        trained = train_and_evaluate(data, model_config, train_config, progress=progress)
+        trained = train_and_evaluate(data, model_config, train_config, progress=progress,
+                                     layer_cache_mb=layer_cache_mb)
         model = trained.model
     elif not isinstance(model, RewardModel):
-        model = RewardModel.load(model)
+        model = with_layer_cache(RewardModel.load(model), layer_cache_mb)
     if work_dir is None and output is not None:
         work_dir = Path(output).with_name(Path(output).name + ".work")
     result = compute_scores(model, data.splits["train"], validation_targets(data, target_column),

@@ -1,4 +1,4 @@
-"""The pipeline steps behind the CLI: data preparation, train + evaluate + save, the demo."""
+"""The pipeline steps behind the CLI: data preparation, train + evaluate + save, scoring."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from prefprune.pipeline import (
     evaluate_saved,
     prepare_data,
     recorded_seed,
-    run_demo,
     train_and_evaluate,
 )
 from prefprune.reward_model import METADATA_FILE, RewardModel, RewardModelConfig
@@ -87,22 +86,3 @@ def test_evaluate_saved_rejects_an_unknown_split(outcome, prepared):
 def test_recorded_seed_of_a_foreign_directory_is_zero(tmp_path):
     assert recorded_seed(tmp_path) == 0
 
-
-def test_run_demo_reports_the_headline_figures(monkeypatch, synthetic, tiny_bert, tmp_path):
-    monkeypatch.setattr(pipeline, "default_dataset_path", lambda: synthetic)
-    demo = run_demo(seed=5, output=tmp_path / "demo", progress=False,
-                    model_config=RewardModelConfig(backbone=str(tiny_bert)), train_config=SMALL)
-    rows = dict(demo.rows())
-    assert demo.outcome.model.metadata["train_config"]["seed"] == 5  # seed wins over the config
-    assert rows["rows read = kept + skipped"] == f"{demo.outcome.data.report.read} = " \
-        f"{demo.outcome.data.report.kept} + 0"
-    assert rows["test accuracy (vs true preference)"] == \
-        f"{demo.outcome.metrics['test'].accuracy:.4f}"
-    assert {"test loss", "seconds per epoch", "training tokens/s"} <= set(rows)
-    assert demo.seconds >= demo.outcome.seconds > 0
-    assert (tmp_path / "demo" / METADATA_FILE).is_file()
-    # the demo scores every training pair and measures flip detection against ground truth
-    assert set(demo.detection) == {"if", "grad_cos", "loss", "random"}
-    assert all(0.0 <= d["auroc"] <= 1.0 for d in demo.detection.values())
-    assert len(demo.scores.table) == len(demo.outcome.data.splits["train"])
-    assert {"scoring seconds", "CG iterations / final residual"} <= set(rows)

@@ -100,7 +100,7 @@ def _union_of_keys(records: Iterable[Any]) -> list[str]:
     return list(keys)
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
     """Whole file content, gunzipped when the name ends in ``.gz``."""
     try:
         data = path.read_bytes()
@@ -117,11 +117,11 @@ def _read_file(path: Path) -> Container:
     """Dispatch on the file suffix (``.gz`` means gzip around the real suffix)."""
     suffix = _data_suffix(path.name)
     if suffix == ".jsonl":
-        return _json_lines(path, _read_bytes(path), "jsonl")
+        return _json_lines(path, read_bytes(path), "jsonl")
     if suffix == ".json":
-        return _read_json(path, _read_bytes(path))
+        return _read_json(path, read_bytes(path))
     if suffix == ".csv":
-        return _read_csv(path, _read_bytes(path))
+        return _read_csv(path, read_bytes(path))
     if suffix == ".parquet":
         return _read_parquet(path)
     raise DataError(

@@ -65,15 +65,15 @@ def load_preferences(
         raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
     container = read_container(source, hub_config=hub_config, hub_split=hub_split,
                                data_dir=data_dir)
-    mapping = _check_mapping(dict(columns or {}), container)
-    fmt = format if format != "auto" else _detect(container, mapping)
+    mapping = check_mapping(dict(columns or {}), container)
+    fmt = format if format != "auto" else detect_layout(container, mapping)
     pairs, skipped = _convert_all(container, fmt, mapping, strict)
     report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
                              container.kind)
     return LoadResult(_to_dataset(pairs, fmt, container.label), report)
 
 
-def _check_mapping(mapping: dict[str, str], container: Container) -> dict[str, str]:
+def check_mapping(mapping: dict[str, str], container: Container) -> dict[str, str]:
     """Reject mappings of unknown canonical names or onto columns the data lacks."""
     for canonical, column in mapping.items():
         if canonical not in MAPPABLE:
@@ -85,7 +85,7 @@ def _check_mapping(mapping: dict[str, str], container: Container) -> dict[str, s
     return mapping
 
 
-def _detect(container: Container, mapping: Mapping[str, str]) -> str:
+def detect_layout(container: Container, mapping: Mapping[str, str]) -> str:
     """Detect the format from the first row that parsed as an object."""
     first = next((row.record for row in container.rows if isinstance(row.record, dict)), None)
     if first is None:

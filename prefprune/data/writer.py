@@ -1,0 +1,229 @@
+"""Write a source back in its own container and layout, with some pairs removed or relabelled.
+
+Pairs are found by id, the same way the loader makes them: every raw row is converted again,
+so a pair maps back to exactly the row it came from, whatever the container. Later rows with
+the same id (which the loader skipped as duplicates) share the pair's fate, so that a removed
+pair cannot come back as its own duplicate. Other skipped rows (malformed ones) and rows not
+named are written unchanged, byte for byte where
+the container allows it (JSON lines, CSV); a relabelled row is rewritten in the source layout
+(TL;DR: ``choice`` flipped; HH and generic: the chosen and rejected fields swapped).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from prefprune.data.containers import Container, RawRow, read_bytes, read_container
+from prefprune.data.formats import CONVERTERS, RowIssue
+from prefprune.data.loader import FORMATS, check_mapping, detect_layout
+from prefprune.data.report import DataError
+
+
+@dataclass
+class RewriteReport:
+    """What the rewrite did: rows written, and the ids removed or relabelled."""
+
+    output: Path
+    rows_in: int
+    rows_out: int
+    removed: list[str] = field(default_factory=list)
+    relabelled: list[str] = field(default_factory=list)
+    duplicate_rows: int = 0  # rows beyond a pair's first that were removed/relabelled with it
+
+
+def rewrite_source(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    remove: set[str] | frozenset[str] = frozenset(),
+    relabel: set[str] | frozenset[str] = frozenset(),
+    format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    hub_config: str | None = None,
+    hub_split: str | None = None,
+    data_dir: str | None = None,
+) -> RewriteReport:
+    """Copy ``source`` to ``output`` without the pairs in ``remove`` and with the labels of
+    the pairs in ``relabel`` flipped. Raises :class:`DataError` when an id is not in the source
+    (the scores were computed on other data)."""
+    if format not in FORMATS:
+        raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
+    container = read_container(source, hub_config=hub_config, hub_split=hub_split,
+                               data_dir=data_dir)
+    mapping = check_mapping(dict(columns or {}), container)
+    fmt = format if format != "auto" else detect_layout(container, mapping)
+    actions = _row_actions(container, fmt, mapping, set(remove), set(relabel))
+    missing = (set(remove) | set(relabel)) - {pid for pid, _ in actions.values()}
+    if missing:
+        raise DataError(f"{container.label}: {len(missing)} selected pair(s) are not in this "
+                        f"source (e.g. id '{sorted(missing)[0]}'); were the scores computed on "
+                        "other data?")
+    flip = _Relabeller(fmt, mapping)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = _WRITERS[container.kind](container, output, actions, flip)
+    report = RewriteReport(output, len(container.rows), written)
+    for pid, action in dict(actions.values()).items():
+        (report.removed if action == "remove" else report.relabelled).append(pid)
+    report.duplicate_rows = len(actions) - len(report.removed) - len(report.relabelled)
+    return report
+
+
+def _row_actions(container: Container, fmt: str, mapping: Mapping[str, str], remove: set[str],
+                 relabel: set[str]) -> dict[int, tuple[str, str]]:
+    """Row index in the container -> (pair id, "remove" | "relabel") for every row that
+    carries a named pair's id (its first row and any later duplicates)."""
+    convert = CONVERTERS[fmt]
+    actions: dict[int, tuple[str, str]] = {}
+    for index, raw in enumerate(container.rows):
+        if raw.error is not None or not isinstance(raw.record, dict):
+            continue
+        try:
+            pid = convert(raw.record, mapping, raw.split).id
+        except RowIssue:
+            continue
+        if pid in remove:
+            actions[index] = (pid, "remove")
+        elif pid in relabel:
+            actions[index] = (pid, "relabel")
+    return actions
+
+
+@dataclass(frozen=True)
+class _Relabeller:
+    """Flips a raw record's label in its own layout."""
+
+    fmt: str
+    mapping: Mapping[str, str]
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        record = dict(record)
+        if self.fmt == "tldr":
+            record["choice"] = 1 - int(record["choice"])
+            return record
+        chosen = self.mapping.get("chosen", "chosen")
+        rejected = self.mapping.get("rejected", "rejected")
+        record[chosen], record[rejected] = record[rejected], record[chosen]
+        return record
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_json_lines(container: Container, output: Path, actions: dict[int, tuple[str, str]],
+                      flip: _Relabeller) -> int:
+    """Untouched lines are copied byte for byte (blank lines included)."""
+    lines = read_bytes(Path(container.label)).splitlines()
+    by_line = {container.rows[i].position: a for i, a in actions.items()}
+    records = {row.position: row.record for row in container.rows}
+    out = []
+    for number, line in enumerate(lines, start=1):
+        action = by_line.get(number, (None, None))[1]
+        if action == "remove":
+            continue
+        if action == "relabel":
+            line = json.dumps(flip(records[number]), ensure_ascii=False).encode()
+        out.append(line)
+    _atomic_bytes(output, b"\n".join(out) + b"\n")
+    return len(out) - sum(1 for line in out if not line.strip())
+
+
+def _kept_records(container: Container, actions: dict[int, tuple[str, str]],
+                  flip: _Relabeller) -> list[RawRow]:
+    kept = []
+    for index, row in enumerate(container.rows):
+        action = actions.get(index, (None, None))[1]
+        if action == "remove":
+            continue
+        kept.append(RawRow(row.position, flip(row.record) if action == "relabel" else row.record,
+                           row.error, row.split, row.error_reason))
+    return kept
+
+
+def _write_json(container: Container, output: Path, actions: dict[int, tuple[str, str]],
+                flip: _Relabeller) -> int:
+    value = json.loads(read_bytes(Path(container.label)).decode("utf-8"))
+    records = [row.record for row in _kept_records(container, actions, flip)]
+    value = {**value, "data": records} if isinstance(value, dict) else records
+    _atomic_bytes(output, json.dumps(value, ensure_ascii=False, indent=1).encode())
+    return len(records)
+
+
+def _write_csv(container: Container, output: Path, actions: dict[int, tuple[str, str]],
+               flip: _Relabeller) -> int:
+    """Cells are rewritten through the csv module; malformed rows are kept as they were."""
+    text = read_bytes(Path(container.label)).decode("utf-8-sig")
+    cells = list(csv.reader(io.StringIO(text, newline="")))
+    header, body = cells[0], cells[1:]
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    written = 0
+    for index, row in enumerate(body):
+        action = actions.get(index, (None, None))[1]
+        if action == "remove":
+            continue
+        if action == "relabel":
+            row = [flip(dict(zip(header, row)))[name] for name in header]
+        writer.writerow(row)
+        written += 1
+    _atomic_bytes(output, buffer.getvalue().encode("utf-8"))
+    return written
+
+
+def _write_parquet(container: Container, output: Path, actions: dict[int, tuple[str, str]],
+                   flip: _Relabeller) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(container.label)
+    records = [row.record for row in _kept_records(container, actions, flip)]
+    tmp = output.with_name(f".{output.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
+    os.replace(tmp, output)
+    return len(records)
+
+
+def _write_dataset(container: Container, output: Path, actions: dict[int, tuple[str, str]],
+                   flip: _Relabeller) -> int:
+    """A saved or hub dataset comes back as a saved dataset directory (one split per split)."""
+    kept = _kept_records(container, actions, flip)
+    splits: dict[str | None, list[dict[str, Any]]] = {}
+    for row in kept:
+        splits.setdefault(row.split, []).append(row.record)
+    built = {name: datasets.Dataset.from_list(records) for name, records in splits.items()}
+    dataset = built[None] if list(built) == [None] else datasets.DatasetDict(built)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return len(kept)
+
+
+_WRITERS = {
+    "jsonl": _write_json_lines,
+    "json_lines": _write_json_lines,
+    "json": _write_json,
+    "csv": _write_csv,
+    "parquet": _write_parquet,
+    "hf_disk": _write_dataset,
+    "hub": _write_dataset,
+}

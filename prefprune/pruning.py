@@ -1,0 +1,195 @@
+"""Choose pairs by score and apply the choice: remove them, or flip their labels.
+
+Selection works on a score table (one row per training pair, every score a harm: larger = more
+harmful). ``harmful`` takes the top fraction by harm, ``helpful`` the bottom fraction (the pairs
+whose removal the score predicts would hurt most). Ties break by table order, so a selection
+is a pure function of the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+
+from prefprune.data import DataError, load_preferences
+from prefprune.data.writer import RewriteReport, rewrite_source
+from prefprune.reward_model import save_json_atomic
+
+DIRECTIONS = ("harmful", "helpful")
+
+
+class SelectionError(ValueError):
+    """A selection request does not fit the score table; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The pairs chosen by one score, in rank order (most extreme first)."""
+
+    by: str
+    fraction: float
+    direction: str
+    ids: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"by": self.by, "fraction": self.fraction, "direction": self.direction,
+                "pairs": len(self.ids)}
+
+
+def selection_size(total: int, fraction: float) -> int:
+    """Pairs in the top ``fraction`` of ``total`` (rounded; at least one when fraction > 0)."""
+    if not 0 < fraction < 1:
+        raise SelectionError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
+    return max(1, round(fraction * total))
+
+
+def select(table: pd.DataFrame, by: str, fraction: float,
+           direction: str = "harmful") -> Selection:
+    """The top ``fraction`` of ``table`` by score column ``by`` in ``direction``."""
+    if direction not in DIRECTIONS:
+        raise SelectionError(f"direction must be one of {', '.join(DIRECTIONS)}, "
+                             f"not {direction!r}")
+    if by not in table.columns:
+        scores = [c for c in table.columns if not c.startswith("rank_")
+                  and pd.api.types.is_float_dtype(table[c])]
+        raise SelectionError(f"the score table has no column {by!r}; scores: "
+                             f"{', '.join(scores)}")
+    values = table[by].to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        raise SelectionError(f"score {by!r} has missing values; cannot rank by it")
+    key = -values if direction == "harmful" else values
+    order = np.argsort(key, kind="stable")[: selection_size(len(table), fraction)]
+    return Selection(by, fraction, direction, tuple(table["id"].astype(str).to_numpy()[order]))
+
+
+def remove_pairs(dataset: datasets.Dataset, ids: Iterable[str]) -> datasets.Dataset:
+    """``dataset`` without the pairs whose id is in ``ids``; every other row unchanged."""
+    drop = set(ids)
+    return dataset.select([i for i, pid in enumerate(dataset["id"]) if pid not in drop])
+
+
+def relabel_pairs(dataset: datasets.Dataset, ids: Iterable[str]) -> datasets.Dataset:
+    """``dataset`` with chosen and rejected swapped on the pairs in ``ids``.
+
+    A ``label_flipped`` ground-truth column, when present, is toggled with them, so detection
+    metrics keep describing which labels are wrong.
+    """
+    flip = set(ids)
+    mask = [pid in flip for pid in dataset["id"]]
+    columns = {"chosen": [r if m else c for c, r, m in zip(dataset["chosen"],
+                                                          dataset["rejected"], mask)],
+               "rejected": [c if m else r for c, r, m in zip(dataset["chosen"],
+                                                            dataset["rejected"], mask)]}
+    if "label_flipped" in dataset.column_names:
+        columns["label_flipped"] = [bool(f) != m for f, m in zip(dataset["label_flipped"], mask)]
+    order = dataset.column_names
+    for name, values in columns.items():
+        dataset = dataset.remove_columns(name).add_column(
+            name, values, feature=dataset.features[name])
+    return dataset.select_columns(order)
+
+
+def inject_flips(dataset: datasets.Dataset, share: float, seed: int) -> datasets.Dataset:
+    """Swap the labels of a seeded ``share`` of the pairs, keeping the truth.
+
+    ``injected_flip`` marks the swapped pairs; ``label_flipped`` becomes "this label is wrong
+    now": the data's own ground truth (if any) toggled by the injection.
+    """
+    if not 0 <= share < 1:
+        raise SelectionError(f"the injected flip share must be in [0, 1), got {share}")
+    if "label_flipped" not in dataset.column_names:
+        dataset = dataset.add_column("label_flipped", [False] * len(dataset))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(dataset), size=round(share * len(dataset)), replace=False)
+    ids = [dataset["id"][i] for i in sorted(chosen)]
+    marked = set(ids)
+    dataset = relabel_pairs(dataset, ids)
+    return dataset.add_column("injected_flip", [pid in marked for pid in dataset["id"]])
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` wrote: the rewritten source, the evidence file and the summary."""
+
+    selection: Selection
+    rewrite: RewriteReport
+    removed_file: Path
+    summary_file: Path
+    action: str
+
+
+def read_scores(path: str | os.PathLike) -> pd.DataFrame:
+    """A score table written by ``prefprune score`` (Parquet)."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable score table (Parquet): {exc}") from exc
+
+
+def prune_source(
+    scores: pd.DataFrame | str | os.PathLike,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    by: str = "if",
+    fraction: float = 0.1,
+    direction: str = "harmful",
+    relabel: bool = False,
+    data_options: Mapping[str, Any] | None = None,
+) -> PruneResult:
+    """Remove (or relabel) the top ``fraction`` of scored pairs from ``source``.
+
+    ``output`` is a directory that receives the source rewritten in its own format and layout
+    under its own name, ``removed.jsonl`` (one line per affected pair: action, every score and
+    rank, metadata and texts) and ``prune.json`` (the selection and the counts).
+    """
+    table = read_scores(scores) if not isinstance(scores, pd.DataFrame) else scores
+    chosen = select(table, by, fraction, direction)
+    action = "relabel" if relabel else "remove"
+    ids = set(chosen.ids)
+    output = Path(output)
+    options = dict(data_options or {})
+    options.pop("strict", None)
+    rewrite = rewrite_source(source, output / _output_name(source), **options,
+                             remove=set() if relabel else ids, relabel=ids if relabel else set())
+    removed_file = output / "removed.jsonl"
+    _write_evidence(removed_file, table, chosen, action, source, options)
+    summary_file = output / "prune.json"
+    save_json_atomic(summary_file, {
+        **chosen.to_dict(), "action": action, "source": str(source),
+        "output": str(rewrite.output), "rows_in": rewrite.rows_in, "rows_out": rewrite.rows_out,
+        "scored_pairs": len(table)})
+    return PruneResult(chosen, rewrite, removed_file, summary_file, action)
+
+
+def _output_name(source: str | os.PathLike) -> str:
+    """The source's own file name; a hub name becomes a saved dataset directory."""
+    path = Path(source)
+    return path.name if path.exists() else str(source).replace("/", "__")
+
+
+def _write_evidence(path: Path, table: pd.DataFrame, chosen: Selection, action: str,
+                    source: str | os.PathLike, options: Mapping[str, Any]) -> None:
+    """One JSON line per affected pair, most extreme first: why it was picked, and what."""
+    texts = load_preferences(source, **options).dataset
+    row_of = {pid: i for i, pid in enumerate(texts["id"])}
+    by_id = table.set_index(table["id"].astype(str))
+    lines = []
+    for rank, pid in enumerate(chosen.ids, start=1):
+        record = {"id": pid, "action": action, "selected_rank": rank,
+                  **json.loads(by_id.loc[pid].drop(labels="id").to_json())}
+        pair = texts[row_of[pid]]
+        record.update({k: pair[k] for k in ("prompt", "chosen", "rejected", "source_file",
+                                            "source_row")})
+        lines.append(json.dumps(record, ensure_ascii=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)

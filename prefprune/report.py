@@ -1,0 +1,383 @@
+"""Turn an experiment's results into ``report.md`` and a self-contained ``report.html``.
+
+Both documents are rendered from one list of :class:`Section` objects (a heading, prose, a
+table, a figure), so they always say the same thing: Markdown for a repository or a pull
+request (figures beside it as PNG files), HTML with the figures embedded for a browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from prefprune.experiment import CONFIG_FILE, ExperimentResult
+
+#: Metadata columns whose groups a user wants harm summed over (SPEC §4, aggregations).
+GROUP_COLUMNS = ("worker", "batch", "policy_pair", "subreddit")
+TOP_PAIRS = 10
+
+
+@dataclass
+class Section:
+    """One part of the report: a heading, paragraphs, an optional table and figure."""
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    figure: str | None = None  # file stem of a PNG in figures/
+    figure_png: bytes | None = field(default=None, repr=False)
+
+
+def write_report(result: ExperimentResult, output: str | Path,
+                 command: str | None = None) -> dict[str, Path]:
+    """Write report.md, report.html and figures/*.png into ``output``; return their paths."""
+    output = Path(output)
+    sections = build_sections(result, output, command)
+    figures = output / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for section in sections:
+        if section.figure and section.figure_png:
+            _write_bytes(figures / f"{section.figure}.png", section.figure_png)
+    paths = {"markdown": output / "report.md", "html": output / "report.html"}
+    _write_bytes(paths["markdown"], render_markdown(sections).encode())
+    _write_bytes(paths["html"], render_html(sections).encode())
+    return paths
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --- content -----------------------------------------------------------------------------------
+
+def build_sections(result: ExperimentResult, output: Path,
+                   command: str | None = None) -> list[Section]:
+    """The report's content, in reading order."""
+    sections = [_overview(result, output, command)]
+    for group in _groups(result):
+        sections.append(_arm_table(result, group))
+    sections.append(_accuracy_figure(result))
+    if result.summary["detection"]:
+        sections += [_detection_table(result), _roc_figure(result)]
+    sections.append(_distribution_figure(result))
+    sections += _aggregations(result)
+    sections.append(_top_pairs(result))
+    return sections
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 4, signed: bool = False) -> str:
+    if not stat:
+        return "–"
+    sign = "+" if signed else ""
+    text = f"{stat['mean']:{sign}.{digits}f}"
+    return text + (f" ± {stat['ci95']:.{digits}f}" if stat.get("ci95") is not None else "")
+
+
+def _overview(result: ExperimentResult, output: Path, command: str | None) -> Section:
+    cfg, data = result.config, result.data
+    model = cfg.model
+    sizes = data["sizes"]
+    rerun = command or f"prefprune experiment --config {output / CONFIG_FILE} --output {output}"
+    base = result.summary["baseline"]["test_accuracy"]
+    return Section("Pruning experiment", text=[
+        f"Data: `{data['source']}` ({data['format']}): read {data['read']} = kept "
+        f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
+        f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs.",
+        f"Model: {model.backbone or 'all-MiniLM-L6-v2 (default)'}, LoRA r={model.lora_r}"
+        f"{f' on the top {model.lora_layers} layers' if model.lora_layers else ''}, "
+        f"max_length {model.max_length}; training {cfg.train.epochs} epochs, batch "
+        f"{cfg.train.batch_size}, lr {cfg.train.learning_rate:g}.",
+        f"Seeds {', '.join(map(str, cfg.seeds))}; methods {', '.join(cfg.methods)}; fractions "
+        f"{', '.join(f'{f:.0%}' for f in cfg.fractions)}"
+        + (f"; {cfg.inject_flips:.0%} of training labels flipped on purpose (seeded per "
+           "replicate)" if cfg.inject_flips else "") + ".",
+        f"Unpruned test accuracy: **{_fmt(base)}** (mean ± 95% interval over seeds).",
+        "Every score is a harm (larger = more harmful). Each pruned model is retrained from "
+        "the same initialisation, seed and hyper-parameters as its unpruned baseline; "
+        "differences are paired by seed.",
+        f"Reproduce: `{rerun}` ({result.seconds / 60:.1f} minutes here).",
+    ])
+
+
+def _groups(result: ExperimentResult) -> list[str]:
+    seen: list[str] = []
+    for arm in result.summary["arms"]:
+        name = f"{arm['action']} {arm['direction']}"
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+_GROUP_TEXT = {
+    "remove harmful": "Remove the top-f most harmful pairs and retrain. Higher test accuracy "
+                      "than the baseline and than random removal means the method found pairs "
+                      "that hurt.",
+    "remove helpful": "Remove the top-f most helpful pairs (lowest harm) and retrain. The larger "
+                      "the drop, the better the method finds the pairs the model needs.",
+    "relabel harmful": "Flip the labels of the top-f most harmful pairs instead of removing "
+                       "them.",
+}
+
+
+def _arm_table(result: ExperimentResult, group: str) -> Section:
+    rows = []
+    for arm in result.summary["arms"]:
+        if f"{arm['action']} {arm['direction']}" != group:
+            continue
+        rows.append([arm["method"], f"{arm['fraction']:.0%}", _fmt(arm["test_accuracy"]),
+                     _fmt(arm["vs_baseline"], signed=True),
+                     _fmt(arm.get("vs_random"), signed=True), _fmt(arm["test_loss"]),
+                     str(len(arm["seeds"]))])
+    return Section(f"Test accuracy: {group}", text=[_GROUP_TEXT.get(group, "")],
+                   header=["method", "fraction", "test accuracy", "Δ vs no pruning",
+                           "Δ vs random", "test loss", "seeds"], rows=rows)
+
+
+def _detection_table(result: ExperimentResult) -> Section:
+    detection = result.summary["detection"]
+    metrics = list(next(iter(detection.values())))
+    rows = [[m, *[_fmt(detection[m][k], 3) for k in metrics]] for m in detection]
+    return Section("Finding the flipped labels", text=[
+        "How well each score ranks the pairs whose label is wrong first (ground truth: the "
+        "generator's or the injected flips). AUROC 0.5 is chance; found_in_top is the share "
+        "of all flipped pairs among the top-ranked 10%."], header=["score", *metrics], rows=rows)
+
+
+def _top_pairs(result: ExperimentResult) -> Section:
+    seed = min(result.scores)
+    table, texts = result.scores[seed], result.train_texts[seed]
+    by = _primary(result)
+    lookup = {pid: i for i, pid in enumerate(texts["id"])}
+    rows = []
+    for _, row in table.nsmallest(TOP_PAIRS, f"rank_{by}").iterrows():
+        pair = texts[lookup[row["id"]]]
+        flipped = str(bool(row["label_flipped"])) if "label_flipped" in table else "?"
+        rows.append([str(row[f"rank_{by}"]), str(row["id"]), f"{row[by]:.3g}", flipped,
+                     _clip(pair["prompt"][-300:]), _clip(pair["chosen"]),
+                     _clip(pair["rejected"])])
+    return Section(f"The {TOP_PAIRS} most harmful training pairs by {by} (seed {seed})",
+                   header=["rank", "id", by, "label wrong", "prompt (end)", "chosen",
+                           "rejected"], rows=rows)
+
+
+def _clip(text: str, limit: int = 220) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _primary(result: ExperimentResult) -> str:
+    return "if" if "if" in result.config.methods else result.config.methods[0]
+
+
+def _aggregations(result: ExperimentResult) -> list[Section]:
+    """Harm summed per worker / batch / policy pair, where the data has those columns."""
+    seed = min(result.scores)
+    table = result.scores[seed].copy()
+    if {"policy_chosen", "policy_rejected"} <= set(table.columns):
+        table["policy_pair"] = table["policy_chosen"].astype(str) + " vs " \
+            + table["policy_rejected"].astype(str)
+    by = _primary(result)
+    sections = []
+    for column in GROUP_COLUMNS:
+        if column not in table or table[column].nunique() < 2:
+            continue
+        stats = _group_harm(table, column, by)
+        rows = [[str(name), str(int(r["pairs"])), f"{r['total']:.4g}", f"{r['mean']:.4g}",
+                 f"{r['top_share']:.0%}"] for name, r in stats.head(15).iterrows()]
+        sections.append(Section(
+            f"Harm by {column} ({by}, seed {seed})",
+            text=[f"Summed harm per {column}, largest first (top 15 of {len(stats)}); "
+                  "'in top 10%' is the share of its pairs among the 10% most harmful."],
+            header=[column, "pairs", "total harm", "mean harm", "in top 10%"], rows=rows,
+            figure=f"harm_by_{column}", figure_png=_bar_png(stats.head(15), column, by)))
+    return sections
+
+
+def _group_harm(table: pd.DataFrame, column: str, by: str) -> pd.DataFrame:
+    cutoff = max(1, round(0.1 * len(table)))
+    top = table[f"rank_{by}"] <= cutoff
+    grouped = table.assign(_top=top).groupby(column)
+    return pd.DataFrame({"pairs": grouped.size(), "total": grouped[by].sum(),
+                         "mean": grouped[by].mean(), "top_share": grouped["_top"].mean()}
+                        ).sort_values("total", ascending=False)
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def _figure(width: float = 7.0, height: float = 4.0, ncols: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _accuracy_figure(result: ExperimentResult) -> Section:
+    groups = _groups(result)
+    fig, axes = _figure(5.0, 4.0, len(groups))
+    base = result.summary["baseline"]["test_accuracy"]
+    for ax, group in zip(axes, groups):
+        for method in result.config.methods:
+            arms = sorted((a for a in result.summary["arms"] if a["method"] == method
+                           and f"{a['action']} {a['direction']}" == group),
+                          key=lambda a: a["fraction"])
+            if not arms:
+                continue
+            x = [a["fraction"] * 100 for a in arms]
+            y = [a["test_accuracy"]["mean"] for a in arms]
+            err = [a["test_accuracy"]["ci95"] or 0.0 for a in arms]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        ax.axhline(base["mean"], color="black", linestyle="--", linewidth=1, label="no pruning")
+        if base["ci95"]:
+            ax.axhspan(base["mean"] - base["ci95"], base["mean"] + base["ci95"], color="grey",
+                       alpha=0.15)
+        ax.set(title=group, xlabel="pairs affected (%)", ylabel="test accuracy")
+        ax.legend(fontsize=8)
+    return Section("Accuracy against fraction", text=[
+        "Mean test accuracy over seeds with 95% intervals; the dashed line and grey band are "
+        "the unpruned baseline."], figure="accuracy", figure_png=_png(fig))
+
+
+def _roc_figure(result: ExperimentResult) -> Section:
+    seed = min(result.scores)
+    table = result.scores[seed]
+    truth = table["label_flipped"].astype(bool).to_numpy()
+    fig, (ax,) = _figure(5.5, 5.0)
+    for method in result.config.methods:
+        fpr, tpr = roc_curve(table[method].to_numpy(), truth)
+        ax.plot(fpr, tpr, label=method)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.set(title=f"Detecting flipped labels (seed {seed})", xlabel="false positive rate",
+           ylabel="true positive rate")
+    ax.legend(fontsize=8)
+    return Section("Detection curves", figure="detection", figure_png=_png(fig))
+
+
+def roc_curve(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates as the threshold sweeps from the highest score down."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.asarray(truth, dtype=bool)[order]
+    tpr = np.concatenate(([0.0], np.cumsum(hits) / max(1, hits.sum())))
+    fpr = np.concatenate(([0.0], np.cumsum(~hits) / max(1, (~hits).sum())))
+    return fpr, tpr
+
+
+def _distribution_figure(result: ExperimentResult) -> Section:
+    seed = min(result.scores)
+    table = result.scores[seed]
+    methods = [m for m in result.config.methods if m in table]
+    fig, axes = _figure(3.6, 3.2, len(methods))
+    truth = table["label_flipped"].astype(bool).to_numpy() if "label_flipped" in table else None
+    for ax, method in zip(axes, methods):
+        values = table[method].to_numpy(dtype=np.float64)
+        bins = np.histogram_bin_edges(values, bins=40)
+        if truth is None:
+            ax.hist(values, bins=bins, color="tab:blue")
+        else:
+            ax.hist(values[~truth], bins=bins, alpha=0.6, label="label right")
+            ax.hist(values[truth], bins=bins, alpha=0.6, label="label wrong")
+            ax.legend(fontsize=7)
+        ax.set(title=method, xlabel="harm", ylabel="pairs")
+    return Section("Score distributions", text=[
+        f"Harm of every training pair by method (seed {seed})."],
+        figure="distributions", figure_png=_png(fig))
+
+
+def _bar_png(stats: pd.DataFrame, column: str, by: str) -> bytes:
+    fig, (ax,) = _figure(7.0, 3.6)
+    ax.bar([str(i) for i in stats.index], stats["total"].to_numpy())
+    ax.set(title=f"summed {by} harm by {column}", ylabel="total harm")
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    return _png(fig)
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(sections: Sequence[Section]) -> str:
+    lines: list[str] = []
+    for i, section in enumerate(sections):
+        lines += [f"{'#' if i == 0 else '##'} {section.title}", ""]
+        for paragraph in section.text:
+            if paragraph:
+                lines += [paragraph, ""]
+        if section.rows:
+            lines.append("| " + " | ".join(section.header) + " |")
+            lines.append("|" + "---|" * len(section.header))
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in section.rows]
+            lines.append("")
+        if section.figure and section.figure_png:
+            lines += [f"![{section.title}](figures/{section.figure}.png)", ""]
+    return "\n".join(lines)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+img { max-width: 100%; border: 1px solid #eee; }
+code { background: #f5f5f5; padding: 1px 4px; }
+"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then render the two Markdown marks the report uses: **bold** and `code`."""
+    parts = html.escape(text).split("`")
+    for i in range(1, len(parts), 2):
+        parts[i] = f"<code>{parts[i]}</code>"
+    joined = "".join(parts)
+    bold = joined.split("**")
+    for i in range(1, len(bold), 2):
+        bold[i] = f"<strong>{bold[i]}</strong>"
+    return "".join(bold)
+
+
+def render_html(sections: Sequence[Section]) -> str:
+    body: list[str] = []
+    for i, section in enumerate(sections):
+        tag = "h1" if i == 0 else "h2"
+        body.append(f"<{tag}>{html.escape(section.title)}</{tag}>")
+        body += [f"<p>{_inline(p)}</p>" for p in section.text if p]
+        if section.rows:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in section.header)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+                           + "</tr>" for row in section.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        if section.figure and section.figure_png:
+            data = base64.b64encode(section.figure_png).decode()
+            body.append(f'<figure><img id="fig-{section.figure}" alt="{html.escape(section.title)}"'
+                        f' src="data:image/png;base64,{data}"></figure>')
+    title = html.escape(sections[0].title if sections else "prefprune report")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{_STYLE}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
