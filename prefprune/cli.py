@@ -21,10 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import click
 import datasets
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
@@ -623,15 +621,21 @@ def prune_command(
     stdout.print(affected)
 
 
-def _experiment_overrides(built: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _typed(ctx: typer.Context, flag: str) -> bool:
+    """Whether the user typed ``flag`` (not just left it at its default)."""
+    source = ctx.get_parameter_source(flag)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _experiment_overrides(ctx: typer.Context,
+                          built: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Settings the user typed on the command line, by config section (``""``: top level).
 
     With --config, only these replace the file's values; flags left at their defaults do not.
     """
-    ctx = click.get_current_context()
     out: dict[str, dict[str, Any]] = {}
     for flag, (section, name, read) in _EXPERIMENT_FLAGS.items():
-        if ctx.get_parameter_source(flag) == ParameterSource.COMMANDLINE:
+        if _typed(ctx, flag):
             out.setdefault(section, {})[name] = read(built)
     return out
 
@@ -664,11 +668,12 @@ _EXPERIMENT_FLAGS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], Any]]
 }
 
 
-def build_experiment_config(data: str | None, config: Path | None, data_options: DataOptions,
+def build_experiment_config(ctx: typer.Context, data: str | None, config: Path | None,
+                            data_options: DataOptions,
                             built: Mapping[str, Any]) -> ExperimentConfig:
     """The YAML file (when given) with the typed flags on top; flags alone otherwise."""
     base = ExperimentConfig.from_yaml(config) if config is not None else ExperimentConfig()
-    overrides = _experiment_overrides(built)
+    overrides = _experiment_overrides(ctx, built)
     values = base.to_dict()
     for section, settings in overrides.items():
         target = values if section == "" else values[section]
@@ -676,8 +681,7 @@ def build_experiment_config(data: str | None, config: Path | None, data_options:
     if data is not None:
         values["data"] = data
     typed = {k: v for k, v in data_options.kwargs().items()
-             if click.get_current_context().get_parameter_source(
-                 "column" if k == "columns" else k) == ParameterSource.COMMANDLINE}
+             if _typed(ctx, "column" if k == "columns" else k)}
     values["data_options"] = {**values["data_options"], **typed}
     return ExperimentConfig.from_dict(values)
 
@@ -694,6 +698,7 @@ def parse_numbers(value: str | None, kind: type, flag: str) -> tuple | None:
 @app.command("experiment")
 @with_options(DATA_OPTIONS, MODEL_OPTIONS, CACHE_OPTIONS, TRAIN_OPTIONS, INFLUENCE_OPTIONS)
 def experiment_command(
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option(help="Directory for config.yaml, models, scores, runs, "
                                               "results.json and the report; rerun to resume.")],
     data_options: DataOptions,
@@ -727,7 +732,7 @@ def experiment_command(
              "fractions": parse_numbers(fractions, float, "--fractions"),
              "seeds": parse_numbers(seeds, int, "--seeds"), "helpful": helpful,
              "relabel": relabel, "inject_flips": inject_flips, "split_seed": split_seed}
-    settings = build_experiment_config(data, config, data_options, built)
+    settings = build_experiment_config(ctx, data, config, data_options, built)
     result = Experiment(settings, output, progress=not quiet,
                         on_run=None if quiet or json_output else _print_run).run()
     paths = write_report(result, output)

@@ -162,3 +162,68 @@ def test_score_writes_table_and_sidecar_and_resumes(tmp_path, tiny_bert):
 def test_score_rejects_unknown_score_names(tmp_path):
     result = run("score", "--output", tmp_path / "s.parquet", "--scores", "if,nonsense")
     assert result.exit_code == 2 and "nonsense" in result.stderr
+
+
+def test_prune_writes_the_source_layout_and_evidence(tmp_path):
+    import pandas as pd
+
+    from prefprune.data import load_preferences
+
+    data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=12)
+    ids = load_preferences(data).dataset["id"][:10]
+    scores = pd.DataFrame({"id": ids, "if": [float(i) for i in range(10)]})
+    scores.to_parquet(tmp_path / "scores.parquet")
+    result = run("prune", tmp_path / "scores.parquet", data, "--output", tmp_path / "out",
+                 "--fraction", "0.2", "--relabel")
+    assert result.exit_code == 0, result.output
+    assert "relabelled 2 of 10 scored pairs" in result.stdout
+    assert (tmp_path / "out" / "syn.jsonl").is_file()
+    evidence = (tmp_path / "out" / "removed.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in evidence] == [ids[9], ids[8]]
+    bad = run("prune", tmp_path / "scores.parquet", data, "--output", tmp_path / "o2",
+              "--by", "nope")
+    assert "no column 'nope'" in assert_one_error_line(bad, 2)
+
+
+def test_experiment_reads_yaml_and_typed_flags_win(tmp_path, tiny_bert):
+    import yaml
+
+    data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=16)
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({
+        "methods": ["loss", "random"], "fractions": [0.25], "seeds": [0], "helpful": False,
+        "relabel": False, "model": {"backbone": str(tiny_bert), "max_length": 48},
+        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01}}))
+    out = tmp_path / "exp"
+    result = run("experiment", data, "--config", config, "--output", out, "--epochs", "1",
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "no pruning" in result.stdout and "report.html" in result.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1  # typed
+    assert saved["train"]["learning_rate"] == 0.01  # from the file, not the flag default
+    assert saved["methods"] == ["loss", "random"] and saved["data"] == str(data)
+    again = run("experiment", "--config", out / "config.yaml", "--output", out, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["summary"]["baseline"]["seeds"] == [0]
+    clash = run("experiment", data, "--config", config, "--output", out, "--quiet")
+    assert "holds a different experiment" in assert_one_error_line(clash, 1)
+
+
+def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
+    from prefprune import cli, pipeline
+    from prefprune.experiment import demo_config
+    from prefprune.reward_model import RewardModelConfig
+    from prefprune.training import TrainConfig
+
+    data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=16)
+    monkeypatch.setattr(pipeline, "default_dataset_path", lambda: data)
+    monkeypatch.setattr(cli, "demo_config", lambda seed: demo_config(
+        seed, RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
+        TrainConfig(epochs=1, batch_size=8, learning_rate=0.01)))
+    result = run("demo", "--output", tmp_path / "demo", "--quiet")
+    assert result.exit_code == 0, result.output
+    for method in ("no pruning", "if", "grad_cos", "loss", "random"):
+        assert method in result.stdout
+    assert "flip AUROC" in result.stdout
+    assert (tmp_path / "demo" / "report.html").is_file()
