@@ -61,16 +61,26 @@ def load_preferences(
     user's column names. ``source_row`` is the 1-based line for JSON-lines
     input and the 0-based record index otherwise (see ``containers``).
     """
+    container, fmt, mapping = open_source(source, format, columns, hub_config=hub_config,
+                                          hub_split=hub_split, data_dir=data_dir)
+    pairs, skipped = _convert_all(container, fmt, mapping, strict)
+    report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
+                             container.kind)
+    return LoadResult(_to_dataset(pairs, fmt, container.label), report)
+
+
+def open_source(source: str | os.PathLike, format: str = "auto",
+                columns: Mapping[str, str] | None = None, *, hub_config: str | None = None,
+                hub_split: str | None = None,
+                data_dir: str | None = None) -> tuple[Container, str, dict[str, str]]:
+    """The raw rows of ``source``, its layout (``format``, or detected) and the checked column
+    mapping: everything a reader or a writer of the source needs to find its pairs."""
     if format not in FORMATS:
         raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
     container = read_container(source, hub_config=hub_config, hub_split=hub_split,
                                data_dir=data_dir)
     mapping = check_mapping(dict(columns or {}), container)
-    fmt = format if format != "auto" else detect_layout(container, mapping)
-    pairs, skipped = _convert_all(container, fmt, mapping, strict)
-    report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
-                             container.kind)
-    return LoadResult(_to_dataset(pairs, fmt, container.label), report)
+    return container, (format if format != "auto" else detect_layout(container, mapping)), mapping
 
 
 def check_mapping(mapping: dict[str, str], container: Container) -> dict[str, str]:

@@ -24,9 +24,9 @@ from typing import Any
 
 import datasets
 
-from prefprune.data.containers import Container, RawRow, read_bytes, read_container
+from prefprune.data.containers import Container, RawRow, read_bytes
 from prefprune.data.formats import CONVERTERS, RowIssue
-from prefprune.data.loader import FORMATS, check_mapping, detect_layout
+from prefprune.data.loader import open_source
 from prefprune.data.report import DataError
 
 
@@ -57,12 +57,8 @@ def rewrite_source(
     """Copy ``source`` to ``output`` without the pairs in ``remove`` and with the labels of
     the pairs in ``relabel`` flipped. Raises :class:`DataError` when an id is not in the source
     (the scores were computed on other data)."""
-    if format not in FORMATS:
-        raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
-    container = read_container(source, hub_config=hub_config, hub_split=hub_split,
-                               data_dir=data_dir)
-    mapping = check_mapping(dict(columns or {}), container)
-    fmt = format if format != "auto" else detect_layout(container, mapping)
+    container, fmt, mapping = open_source(source, format, columns, hub_config=hub_config,
+                                          hub_split=hub_split, data_dir=data_dir)
     actions = _row_actions(container, fmt, mapping, set(remove), set(relabel))
     missing = (set(remove) | set(relabel)) - {pid for pid, _ in actions.values()}
     if missing:

@@ -1,0 +1,137 @@
+"""Scaling benchmark: how scoring time and memory grow with training pairs N and LoRA rank r.
+
+    python bench/scaling.py ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz \
+        --out bench/out/scaling.json
+
+On the shared HH-RLHF pairs with the default model (MiniLM, LoRA r=8 on every layer,
+max_length 128). Every (N, r) point runs in its own process, so its peak resident memory is
+its own: one training epoch of a fresh model (``t_epoch``), then gradient similarity and CG-IF
+with Gauss–Newton curvature, each end to end (validation gradients, gradient pass, solve,
+scoring); at one N also CG on the exact Hessian (double backward, curvature on a seeded
+subsample of 64 pairs, at most 50 iterations) and its Spearman agreement with Gauss–Newton.
+Times are reported as ratios to that process's own ``t_epoch`` (the machine is shared); the
+fitted exponent b of ``t ≈ a N^b`` comes from a least-squares line in log-log.
+The validation target is a fixed set of 100 pairs; train pairs are the first N of the rest.
+Not a test: figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def point(data: str, n: int, rank: int, hessian: bool) -> dict:
+    """One (N, r) measurement, run inside a fresh process."""
+    import torch
+
+    from prefprune.data import load_preferences
+    from prefprune.influence.scores import InfluenceConfig, compute_scores
+    from prefprune.reward_model import RewardModel, RewardModelConfig
+    from prefprune.training import TrainConfig, train_reward_model
+
+    torch.set_num_threads(1)
+    pairs = load_preferences(data).dataset
+    validation, pool = pairs.select(range(100)), pairs.select(range(100, len(pairs)))
+    if n > len(pool):
+        raise SystemExit(f"only {len(pool)} training pairs available, asked for {n}")
+    train = pool.select(range(n))
+    out = {"n": n, "rank": rank, "peak_mb_loaded": peak_mb()}
+    model = RewardModel.create(RewardModelConfig(lora_r=rank), seed=0)
+    out["parameters"] = model.num_trainable
+    start = time.perf_counter()
+    result = train_reward_model(model, train, TrainConfig(epochs=1), progress=False)
+    out["t_epoch"] = time.perf_counter() - start
+    out["tokens"] = result.tokens
+    out["peak_mb_train"] = peak_mb()
+    runs = {"grad_similarity": InfluenceConfig(scores=("grad_dot", "grad_cos")),
+            "cg_if_gauss_newton": InfluenceConfig(scores=("if",))}
+    if hessian:
+        # each exact product is a double backward over the pairs that define H: a seeded
+        # subsample of 64 keeps the run to minutes (recorded in the output)
+        runs["cg_if_hessian"] = InfluenceConfig(scores=("if",), curvature="hessian",
+                                                curvature_samples=64, max_iter=50)
+    tables = {}
+    for name, config in runs.items():
+        start = time.perf_counter()
+        scored = compute_scores(model, train, validation, config, progress=False)
+        seconds = time.perf_counter() - start
+        tables[name] = scored.table
+        solve = next(iter(scored.metadata.get("solves", {}).values()), {})
+        out[name] = {"seconds": seconds, "ratio_to_epoch": seconds / out["t_epoch"],
+                     "peak_mb": peak_mb(), "cg_iterations": solve.get("iterations"),
+                     "curvature": solve.get("curvature")}
+    if hessian:
+        from scipy.stats import spearmanr
+
+        out["spearman_hessian_vs_gauss_newton"] = float(spearmanr(
+            tables["cg_if_hessian"]["if"], tables["cg_if_gauss_newton"]["if"]).statistic)
+    return out
+
+
+def exponent(xs: list[float], ys: list[float]) -> float:
+    """b in y ≈ a x^b, by least squares on the logs."""
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/scaling.json"))
+    parser.add_argument("--sizes", default="250,500,1000,2000")
+    parser.add_argument("--ranks", default="4,8,16")
+    parser.add_argument("--rank-n", type=int, default=250, help="N of the rank series")
+    parser.add_argument("--hessian-n", type=int, default=250,
+                        help="also run exact-Hessian CG at this N (0: never)")
+    parser.add_argument("--point", nargs=3, type=int, metavar=("N", "RANK", "HESSIAN"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.point:
+        n, rank, hessian = args.point
+        print(json.dumps(point(args.data, n, rank, bool(hessian))))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    todo = [(n, 8) for n in sizes] + [(args.rank_n, r) for r in ranks if r != 8
+                                      or args.rank_n not in sizes]
+    points = []
+    for n, rank in todo:
+        hessian = int(n == args.hessian_n and rank == 8)
+        done = subprocess.run([sys.executable, __file__, args.data, "--point", str(n),
+                               str(rank), str(hessian)], check=True, capture_output=True,
+                              text=True)
+        points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(points[-1]), flush=True)
+    by_n = sorted((p for p in points if p["rank"] == 8), key=lambda p: p["n"])
+    by_rank = sorted((p for p in points if p["n"] == args.rank_n), key=lambda p: p["rank"])
+    fits = {}
+    for key in ("t_epoch", "grad_similarity", "cg_if_gauss_newton"):
+        def value(p: dict, key: str = key) -> float:
+            return p[key] if key == "t_epoch" else p[key]["seconds"]
+
+        fits[f"{key}_vs_n"] = exponent([p["n"] for p in by_n], [value(p) for p in by_n])
+        fits[f"{key}_vs_parameters"] = exponent([p["parameters"] for p in by_rank],
+                                                [value(p) for p in by_rank])
+    fits["peak_mb_vs_n"] = exponent([p["n"] for p in by_n],
+                                    [p["cg_if_gauss_newton"]["peak_mb"] for p in by_n])
+    report = {"points": points, "exponents": fits,
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(fits, indent=2))
+
+
+if __name__ == "__main__":
+    main()
