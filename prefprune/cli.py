@@ -28,6 +28,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
+from prefprune import distributed
 from prefprune.data import DataError, IngestionReport, load_preferences
 from prefprune.data.formats import MAPPABLE
 from prefprune.data.loader import FORMATS
@@ -294,13 +295,15 @@ _INFLUENCE_DEFAULTS = InfluenceConfig()
 def build_influence_config(*, scores: str, curvature: str, solver: str, damping: float,
                            absolute_damping: bool, tol: float, max_iter: int,
                            curvature_samples: int | None, memory_budget_mb: float,
-                           negative_curvature: str, score_batch_size: int) -> InfluenceConfig:
+                           negative_curvature: str, score_batch_size: int, shard_size: int,
+                           projection_dim: int | None) -> InfluenceConfig:
     try:
         return InfluenceConfig(
             scores=parse_list(scores) or (), curvature=curvature, solver=solver,
             damping=damping, damping_relative=not absolute_damping, tol=tol, max_iter=max_iter,
             curvature_samples=curvature_samples, memory_budget_mb=memory_budget_mb,
-            negative_curvature=negative_curvature, batch_size=score_batch_size)
+            negative_curvature=negative_curvature, batch_size=score_batch_size,
+            shard_size=shard_size, projection_dim=projection_dim)
     except InfluenceError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -330,6 +333,13 @@ INFLUENCE_OPTIONS = OptionGroup("influence_config", build_influence_config, (
                "with Gauss–Newton), raise, or stop."),
     _influence("score_batch_size", int, _INFLUENCE_DEFAULTS.batch_size,
                "Pairs per gradient batch while scoring.", min=1),
+    _influence("shard_size", int, _INFLUENCE_DEFAULTS.shard_size,
+               "Pairs per saved shard: the unit of resuming and of the split between "
+               "torchrun processes.", min=1),
+    _influence("projection_dim", int | None, None,
+               "Project every per-pair gradient to this many dimensions (seeded random "
+               "projection): a small stored gradient index, approximate scores "
+               "(docs/scaling.md).", min=1),
 ))
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
@@ -500,6 +510,8 @@ def train_command(
     prepared = prepare_data(data, seed=train_config.seed, **data_options.kwargs())
     outcome = train_and_evaluate(prepared, model_config, train_config, output=output,
                                  progress=not quiet, layer_cache_mb=layer_cache_mb)
+    if not distributed.is_main_process():
+        return
     if json_output:
         print_json({**outcome_dict(outcome), "output": str(output)})
         return
@@ -527,6 +539,8 @@ def evaluate_command(
     prepared = prepare_data(data, seed=split_seed, **data_options.kwargs())
     result = evaluate_saved(model, prepared, split, device=check_device(device),
                             progress=not quiet)
+    if not distributed.is_main_process():
+        return
     if json_output:
         print_json({"data": data_summary(prepared), "split": split,
                     "metrics": metrics_dict({split: result})})
@@ -563,6 +577,8 @@ def score_command(
                           train_config=train_config, target_column=target_column,
                           output=output, work_dir=work_dir, progress=not quiet,
                           layer_cache_mb=layer_cache_mb)
+    if not distributed.is_main_process():
+        return
     meta = outcome.result.metadata
     if json_output:
         print_json({"output": str(output), "metadata": meta})

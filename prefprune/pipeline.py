@@ -19,6 +19,7 @@ from typing import Any
 
 import datasets
 
+from prefprune import distributed
 from prefprune.data import (
     DataError,
     IngestionReport,
@@ -127,7 +128,9 @@ def train_and_evaluate(
                for name in EVAL_SPLITS if len(data.splits[name])}
     outcome = TrainOutcome(model, result, metrics, data, time.perf_counter() - start)
     if output is not None:
-        save_outcome(outcome, train_config, Path(output))
+        if distributed.is_main_process():  # under torchrun every rank holds the same model
+            save_outcome(outcome, train_config, Path(output))
+        distributed.barrier()
     return outcome
 
 
@@ -250,5 +253,9 @@ def score_pairs(
     result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
     if trained is not None:
         result.metadata["model_metrics"] = metrics_dict(trained.metrics)
-    paths = result.save(output) if output is not None else None
+    paths = None
+    if output is not None:
+        if distributed.is_main_process():  # every rank returns the same merged table
+            paths = result.save(output)
+        distributed.barrier()
     return ScoreOutcome(result, model, trained, paths)

@@ -227,3 +227,37 @@ def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
         assert method in result.stdout
     assert "flip AUROC" in result.stdout
     assert (tmp_path / "demo" / "report.html").is_file()
+
+
+def test_score_under_torchrun_equals_one_process(tmp_path, tiny_bert):
+    """`torchrun --nproc-per-node 2 prefprune score` (gloo): one table, equal to one process."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=24)
+    model = tmp_path / "model"
+    trained = run("train", data, "--output", model, "--backbone", tiny_bert, "--epochs", "1",
+                  "--max-length", "48", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    common = ("score", data, "--model", model, "--scores", "if,grad_cos,loss",
+              "--solver", "direct", "--shard-size", "8", "--quiet")
+    single = run(*common, "--output", tmp_path / "one.parquet")
+    assert single.exit_code == 0, single.output
+    bin_dir = Path(sys.executable).parent
+    launched = subprocess.run(
+        [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+         str(bin_dir / "prefprune"), *map(str, common), "--output", tmp_path / "two.parquet"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **WIDE})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("pairs scored over") == 1  # rank 0 prints, rank 1 does not
+    one, two = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
+    assert one["id"].tolist() == two["id"].tolist()
+    for column in ("if", "grad_cos", "loss"):
+        assert np.allclose(two[column], one[column], rtol=1e-5, atol=1e-9), column
+    assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.json", "two.parquet",
+                                                            "two.parquet.work"]
