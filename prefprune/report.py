@@ -97,7 +97,7 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs.",
         f"Model: {model.backbone or 'all-MiniLM-L6-v2 (default)'}, LoRA r={model.lora_r}"
         f"{f' on the top {model.lora_layers} layers' if model.lora_layers else ''}, "
-        f"max_length {model.max_length}; training {cfg.train.epochs} epochs, batch "
+        f"max_length {model.max_length}; training {_plural(cfg.train.epochs, 'epoch')}, batch "
         f"{cfg.train.batch_size}, lr {cfg.train.learning_rate:g}.",
         f"Seeds {', '.join(map(str, cfg.seeds))}; methods {', '.join(cfg.methods)}; fractions "
         f"{', '.join(f'{f:.0%}' for f in cfg.fractions)}"
@@ -107,8 +107,14 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         "Every score is a harm (larger = more harmful). Each pruned model is retrained from "
         "the same initialisation, seed and hyper-parameters as its unpruned baseline; "
         "differences are paired by seed.",
-        f"Reproduce: `{rerun}` ({result.seconds / 60:.1f} minutes here).",
+        f"Reproduce: `{rerun}` ({_plural(len(result.runs), 'training run')}, "
+        f"{sum(r['seconds'] for r in result.runs) / 60:.0f} minutes of training and "
+        "evaluation here).",
     ])
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _groups(result: ExperimentResult) -> list[str]:
@@ -198,7 +204,8 @@ def _aggregations(result: ExperimentResult) -> list[Section]:
                  f"{r['top_share']:.0%}"] for name, r in stats.head(15).iterrows()]
         sections.append(Section(
             f"Harm by {column} ({by}, seed {seed})",
-            text=[f"Summed harm per {column}, largest first (top 15 of {len(stats)}); "
+            text=[f"Summed harm per {column}, largest first ({min(15, len(stats))} of "
+                  f"{len(stats)}); "
                   "'in top 10%' is the share of its pairs among the 10% most harmful."],
             header=[column, "pairs", "total harm", "mean harm", "in top 10%"], rows=rows,
             figure=f"harm_by_{column}", figure_png=_bar_png(stats.head(15), column, by)))
