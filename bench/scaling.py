@@ -10,7 +10,8 @@ with Gauss–Newton curvature, each end to end (validation gradients, gradient p
 scoring); at one N also CG on the exact Hessian (double backward, curvature on a seeded
 subsample of 32 pairs, at most 20 iterations) and its Spearman agreement with Gauss–Newton.
 Times are reported as ratios to that process's own ``t_epoch`` (the machine is shared); the
-fitted exponent b of ``t ≈ a N^b`` comes from a least-squares line in log-log.
+fitted exponent b of ``t ≈ a N^b`` comes from a least-squares line in log-log. The output is
+rewritten after every point, and a rerun skips the points it already holds.
 The validation target is a fixed set of 100 pairs; train pairs are the first N of the rest.
 Not a test: figures only.
 """
@@ -104,34 +105,44 @@ def main() -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
-    todo = [(n, 8) for n in sizes] + [(args.rank_n, r) for r in ranks if r != 8
-                                      or args.rank_n not in sizes]
-    points = []
-    for n, rank in todo:
+    # the rank series first (small N), then N upwards: a run cut short still has both series
+    todo = [(args.rank_n, r) for r in ranks] + [(n, 8) for n in sizes]
+    points = json.loads(args.out.read_text())["points"] if args.out.exists() else []
+    for n, rank in dict.fromkeys(todo):
+        if any(p["n"] == n and p["rank"] == rank for p in points):
+            continue  # measured by an earlier, interrupted invocation
         hessian = int(n == args.hessian_n and rank == 8)
         done = subprocess.run([sys.executable, __file__, args.data, "--point", str(n),
                                str(rank), str(hessian)], check=True, capture_output=True,
                               text=True)
         points.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(points[-1]), flush=True)
+        write(args.out, points, args.rank_n)
+
+
+def write(out: Path, points: list[dict], rank_n: int) -> None:
+    """Save every point so far and the exponents they support (rewritten after each point)."""
     by_n = sorted((p for p in points if p["rank"] == 8), key=lambda p: p["n"])
-    by_rank = sorted((p for p in points if p["n"] == args.rank_n), key=lambda p: p["rank"])
+    by_rank = sorted((p for p in points if p["n"] == rank_n), key=lambda p: p["rank"])
     fits = {}
     for key in ("t_epoch", "grad_similarity", "cg_if_gauss_newton"):
         def value(p: dict, key: str = key) -> float:
             return p[key] if key == "t_epoch" else p[key]["seconds"]
 
-        fits[f"{key}_vs_n"] = exponent([p["n"] for p in by_n], [value(p) for p in by_n])
-        fits[f"{key}_vs_parameters"] = exponent([p["parameters"] for p in by_rank],
-                                                [value(p) for p in by_rank])
-    fits["peak_mb_vs_n"] = exponent([p["n"] for p in by_n],
-                                    [p["cg_if_gauss_newton"]["peak_mb"] for p in by_n])
+        if len(by_n) > 1:
+            fits[f"{key}_vs_n"] = exponent([p["n"] for p in by_n], [value(p) for p in by_n])
+        if len(by_rank) > 1:
+            fits[f"{key}_vs_parameters"] = exponent([p["parameters"] for p in by_rank],
+                                                    [value(p) for p in by_rank])
+    if len(by_n) > 1:
+        fits["peak_mb_vs_n"] = exponent([p["n"] for p in by_n],
+                                        [p["cg_if_gauss_newton"]["peak_mb"] for p in by_n])
     report = {"points": points, "exponents": fits,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(fits, indent=2))
-
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
 
 if __name__ == "__main__":
     main()
