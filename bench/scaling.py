@@ -10,7 +10,8 @@ with Gauss–Newton curvature, each end to end (validation gradients, gradient p
 scoring); at one N also CG on the exact Hessian (double backward, curvature on a seeded
 subsample of 32 pairs, at most 20 iterations) and its Spearman agreement with Gauss–Newton.
 Times are reported as ratios to that process's own ``t_epoch`` (the machine is shared); the
-fitted exponent b of ``t ≈ a N^b`` comes from a least-squares line in log-log. The output is
+fitted exponent b of ``t ≈ a N^b`` comes from a least-squares line in log-log over each
+process's CPU seconds, which other jobs on the cores do not inflate. The output is
 rewritten after every point, and a rerun skips the points it already holds.
 The validation target is a fixed set of 100 pairs; train pairs are the first N of the rest.
 Not a test: figures only.
@@ -34,6 +35,13 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system): unlike wall time, it does not grow when
+    other jobs share the cores, so exponents are fitted on it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def point(data: str, n: int, rank: int, hessian: bool) -> dict:
     """One (N, r) measurement, run inside a fresh process."""
     import torch
@@ -52,9 +60,10 @@ def point(data: str, n: int, rank: int, hessian: bool) -> dict:
     out = {"n": n, "rank": rank, "peak_mb_loaded": peak_mb()}
     model = RewardModel.create(RewardModelConfig(lora_r=rank), seed=0)
     out["parameters"] = model.num_trainable
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = train_reward_model(model, train, TrainConfig(epochs=1), progress=False)
     out["t_epoch"] = time.perf_counter() - start
+    out["cpu_epoch"] = cpu_seconds() - cpu
     out["tokens"] = result.tokens
     out["peak_mb_train"] = peak_mb()
     runs = {"grad_similarity": InfluenceConfig(scores=("grad_dot", "grad_cos")),
@@ -66,12 +75,14 @@ def point(data: str, n: int, rank: int, hessian: bool) -> dict:
                                                 curvature_samples=32, max_iter=20)
     tables = {}
     for name, config in runs.items():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         scored = compute_scores(model, train, validation, config, progress=False)
         seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu
         tables[name] = scored.table
         solve = next(iter(scored.metadata.get("solves", {}).values()), {})
         out[name] = {"seconds": seconds, "ratio_to_epoch": seconds / out["t_epoch"],
+                     "cpu_seconds": cpu, "cpu_ratio_to_epoch": cpu / out["cpu_epoch"],
                      "peak_mb": peak_mb(), "solve": {k: v for k, v in solve.items()
                                                      if k != "residuals"}}
     if hessian:
@@ -125,9 +136,9 @@ def write(out: Path, points: list[dict], rank_n: int) -> None:
     by_n = sorted((p for p in points if p["rank"] == 8), key=lambda p: p["n"])
     by_rank = sorted((p for p in points if p["n"] == rank_n), key=lambda p: p["rank"])
     fits = {}
-    for key in ("t_epoch", "grad_similarity", "cg_if_gauss_newton"):
+    for key in ("cpu_epoch", "grad_similarity", "cg_if_gauss_newton"):
         def value(p: dict, key: str = key) -> float:
-            return p[key] if key == "t_epoch" else p[key]["seconds"]
+            return p[key] if key == "cpu_epoch" else p[key]["cpu_seconds"]
 
         if len(by_n) > 1:
             fits[f"{key}_vs_n"] = exponent([p["n"] for p in by_n], [value(p) for p in by_n])
