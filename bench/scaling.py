@@ -1,7 +1,7 @@
 """Scaling benchmark: how scoring time and memory grow with training pairs N and LoRA rank r.
 
     python bench/scaling.py ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz \
-        --out bench/out/scaling_hh.json
+        --out bench/out/scaling_cpu.json
 
 On the shared HH-RLHF pairs with the default model (MiniLM, LoRA r=8 on every layer,
 max_length 128). Every (N, r) point runs in its own process, so its peak resident memory is
@@ -101,7 +101,7 @@ def exponent(xs: list[float], ys: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
-    parser.add_argument("--out", type=Path, default=Path("bench/out/scaling_hh.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/out/scaling_cpu.json"))
     parser.add_argument("--sizes", default="250,500,1000,2000")
     parser.add_argument("--ranks", default="4,8,16")
     parser.add_argument("--rank-n", type=int, default=250, help="N of the rank series")
@@ -129,6 +129,7 @@ def main() -> None:
         points.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(points[-1]), flush=True)
         write(args.out, points, args.rank_n)
+    write(args.out, points, args.rank_n)
 
 
 def write(out: Path, points: list[dict], rank_n: int) -> None:
