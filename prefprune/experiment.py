@@ -70,7 +70,7 @@ class ExperimentConfig:
     layer_cache_mb: float = 2048.0
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.methods) - set(ALL_SCORES) - {"self_influence"})
+        unknown = sorted(set(self.methods) - set(ALL_SCORES))
         if unknown or not self.methods:
             raise ExperimentError(f"unknown methods {unknown}; choose from "
                                   f"{', '.join(ALL_SCORES)}")
