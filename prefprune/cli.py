@@ -52,7 +52,7 @@ from prefprune.pipeline import (
     train_and_evaluate,
 )
 from prefprune.pruning import SelectionError, prune_source, read_scores
-from prefprune.report import write_report
+from prefprune.report import format_interval, write_report
 from prefprune.reward_model import ModelError, RewardModelConfig
 from prefprune.training import EvalResult, TrainConfig, TrainResult, resolve_device
 
@@ -766,13 +766,6 @@ def _print_run(record: Mapping[str, Any]) -> None:
                  f"({record['train_pairs']} pairs, {record['seconds']:.0f} s)")
 
 
-def _stat(value: Mapping[str, Any] | None, signed: bool = False) -> str:
-    if not value:
-        return "–"
-    text = f"{value['mean']:{'+' if signed else ''}.4f}"
-    return text + (f" ± {value['ci95']:.4f}" if value.get("ci95") is not None else "")
-
-
 def print_headline(result: ExperimentResult) -> None:
     """Test accuracy per method at the first fraction, and flip detection when known."""
     rows = headline(result)
@@ -784,9 +777,10 @@ def print_headline(result: ExperimentResult) -> None:
     for row in rows:
         detection = row.get("detection") or {}
         found = next((v for k, v in detection.items() if k.startswith("found_in_top")), None)
-        table.add_row(row["method"], _stat(row["test_accuracy"]),
-                      _stat(row.get("vs_baseline"), True), _stat(row.get("vs_random"), True),
-                      _stat(detection.get("auroc")), _stat(found))
+        table.add_row(row["method"], format_interval(row["test_accuracy"]),
+                      format_interval(row.get("vs_baseline"), signed=True),
+                      format_interval(row.get("vs_random"), signed=True),
+                      format_interval(detection.get("auroc")), format_interval(found))
     stdout.print(table)
 
 

@@ -11,7 +11,7 @@ import base64
 import html
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,10 @@ def build_sections(result: ExperimentResult, output: Path,
     return sections
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int = 4, signed: bool = False) -> str:
+def format_interval(stat: Mapping[str, Any] | None, digits: int = 4,
+                    signed: bool = False) -> str:
+    """``mean ± ci95`` of a :func:`~prefprune.experiment.mean_interval` (the mean alone with
+    one seed, ``–`` when missing), as the report and the CLI print it."""
     if not stat:
         return "–"
     sign = "+" if signed else ""
@@ -103,7 +106,7 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         f"{', '.join(f'{f:.0%}' for f in cfg.fractions)}"
         + (f"; {cfg.inject_flips:.0%} of training labels flipped on purpose (seeded per "
            "replicate)" if cfg.inject_flips else "") + ".",
-        f"Unpruned test accuracy: **{_fmt(base)}** (mean ± 95% interval over seeds).",
+        f"Unpruned test accuracy: **{format_interval(base)}** (mean ± 95% interval over seeds).",
         "Every score is a harm (larger = more harmful). Each pruned model is retrained from "
         "the same initialisation, seed and hyper-parameters as its unpruned baseline; "
         "differences are paired by seed.",
@@ -142,10 +145,11 @@ def _arm_table(result: ExperimentResult, group: str) -> Section:
     for arm in result.summary["arms"]:
         if f"{arm['action']} {arm['direction']}" != group:
             continue
-        rows.append([arm["method"], f"{arm['fraction']:.0%}", _fmt(arm["test_accuracy"]),
-                     _fmt(arm["vs_baseline"], signed=True),
-                     _fmt(arm.get("vs_random"), signed=True), _fmt(arm["test_loss"]),
-                     str(len(arm["seeds"]))])
+        rows.append([arm["method"], f"{arm['fraction']:.0%}",
+                     format_interval(arm["test_accuracy"]),
+                     format_interval(arm["vs_baseline"], signed=True),
+                     format_interval(arm.get("vs_random"), signed=True),
+                     format_interval(arm["test_loss"]), str(len(arm["seeds"]))])
     return Section(f"Test accuracy: {group}", text=[_GROUP_TEXT.get(group, "")],
                    header=["method", "fraction", "test accuracy", "Δ vs no pruning",
                            "Δ vs random", "test loss", "seeds"], rows=rows)
@@ -154,7 +158,7 @@ def _arm_table(result: ExperimentResult, group: str) -> Section:
 def _detection_table(result: ExperimentResult) -> Section:
     detection = result.summary["detection"]
     metrics = list(next(iter(detection.values())))
-    rows = [[m, *[_fmt(detection[m][k], 3) for k in metrics]] for m in detection]
+    rows = [[m, *[format_interval(detection[m][k], 3) for k in metrics]] for m in detection]
     return Section("Finding the flipped labels", text=[
         "How well each score ranks the pairs whose label is wrong first (ground truth: the "
         "generator's or the injected flips). AUROC 0.5 is chance; found_in_top is the share "
