@@ -29,9 +29,10 @@ from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from prefprune import distributed
-from prefprune.data import DataError, IngestionReport, load_preferences
+from prefprune.data import IngestionReport, load_preferences
 from prefprune.data.formats import MAPPABLE
 from prefprune.data.loader import FORMATS
+from prefprune.errors import InfluenceError, PrefpruneError, SelectionError
 from prefprune.experiment import (
     Experiment,
     ExperimentConfig,
@@ -39,7 +40,7 @@ from prefprune.experiment import (
     demo_config,
     headline,
 )
-from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, InfluenceError
+from prefprune.influence.scores import ALL_SCORES, InfluenceConfig
 from prefprune.pipeline import (
     DEFAULT_LAYER_CACHE_MB,
     PreparedData,
@@ -51,13 +52,13 @@ from prefprune.pipeline import (
     score_pairs,
     train_and_evaluate,
 )
-from prefprune.pruning import SelectionError, prune_source, read_scores
+from prefprune.pruning import prune_source, read_scores
 from prefprune.report import format_interval, write_report
-from prefprune.reward_model import ModelError, RewardModelConfig
+from prefprune.reward_model import RewardModelConfig
 from prefprune.training import EvalResult, TrainConfig, TrainResult, resolve_device
 
 #: Exceptions that mean "the input or a setting is wrong", not "prefprune has a bug".
-USER_ERRORS = (DataError, ModelError, ValueError, OSError)
+USER_ERRORS = (PrefpruneError, OSError)
 
 stdout = Console()
 stderr = Console(stderr=True)

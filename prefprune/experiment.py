@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from prefprune.detection import detection_report
+from prefprune.errors import ExperimentError
 from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
 from prefprune.layer_cache import FrozenLayerCache
 from prefprune.pipeline import PreparedData, prepare_data, with_layer_cache
@@ -36,10 +37,6 @@ from prefprune.training import TrainConfig, evaluate, train_reward_model
 DEFAULT_METHODS = ("if", "grad_dot", "grad_cos", "flip", "loss", "random")
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
-
-
-class ExperimentError(ValueError):
-    """An experiment cannot run as configured; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,10 @@ import pandas as pd
 
 from prefprune.data import DataError, load_preferences
 from prefprune.data.writer import RewriteReport, rewrite_source
+from prefprune.errors import SelectionError
 from prefprune.reward_model import save_json_atomic
 
 DIRECTIONS = ("harmful", "helpful")
-
-
-class SelectionError(ValueError):
-    """A selection request does not fit the score table; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ModelError
 from .layer_cache import HEAD_NAMES, FrozenLayerCache, layer_stack
 
 FORMAT_VERSION = 1
@@ -35,10 +36,6 @@ _TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
     ("c_attn",),  # GPT-2
     ("q_lin", "v_lin"),  # DistilBERT
 )
-
-
-class ModelError(Exception):
-    """A reward model cannot be built or loaded; the message says which path and why."""
 
 
 def default_backbone() -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .errors import DataError
 from .progress import progress_bar
 from .reward_model import PairBatch, RewardModel, bradley_terry_loss, seed_everything
 
@@ -133,7 +134,7 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
     """
     config = config or TrainConfig()
     if len(train) == 0:
-        raise ValueError("cannot train on an empty dataset")
+        raise DataError("cannot train on an empty dataset")
     distributed.setup()
     progress = progress and distributed.is_main_process()
     device = resolve_device(config.device)
@@ -237,7 +238,7 @@ def evaluate(model: RewardModel, records: Any, *, batch_size: int = 64,
     all-reduced, so every process returns the full result.
     """
     if len(records) == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
+        raise DataError("cannot evaluate on an empty dataset")
     device = model.device
     order = length_order(records)
     mine = [order[i] for i in distributed.my_share(len(order))]

@@ -4,9 +4,10 @@ Public names are re-exported here; see each module for the reasons behind the ru
 """
 
 from prefprune.data.loader import LoadResult, load_preferences
-from prefprune.data.report import DataError, IngestionReport, SkippedRow
+from prefprune.data.report import IngestionReport, SkippedRow
 from prefprune.data.splits import fingerprint, split_preferences
 from prefprune.data.synthetic import GENERATOR_VERSION, default_dataset_path, generate_synthetic
+from prefprune.errors import DataError
 
 __all__ = [
     "GENERATOR_VERSION",

@@ -28,7 +28,7 @@ from typing import Any
 
 import datasets
 
-from prefprune.data.report import DataError
+from prefprune.errors import DataError
 
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _KNOWN_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

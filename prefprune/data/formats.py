@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefprune.data.report import DataError, RowIssue
+from prefprune.data.report import RowIssue
+from prefprune.errors import DataError
 
 #: Columns that every loaded dataset has, in this order.
 CANONICAL_COLUMNS = (

@@ -20,7 +20,8 @@ from prefprune.data.formats import (
     Pair,
     detect_format,
 )
-from prefprune.data.report import DataError, IngestionReport, RowIssue, SkippedRow
+from prefprune.data.report import IngestionReport, RowIssue, SkippedRow
+from prefprune.errors import DataError
 
 FORMATS = ("auto", *CONVERTERS)
 _CANONICAL_TYPES = {

@@ -23,10 +23,6 @@ REASONS = (
 )
 
 
-class DataError(Exception):
-    """Input data that cannot be used; the message names file, line/row and field."""
-
-
 class RowIssue(Exception):
     """Internal: one row cannot be converted; carries a stable reason for the report."""
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import datasets
 
-from prefprune.data.report import DataError
+from prefprune.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 #: Source split names (TL;DR and Hugging Face conventions) -> our split.

@@ -27,7 +27,7 @@ import datasets
 from prefprune.data.containers import Container, RawRow, read_bytes
 from prefprune.data.formats import CONVERTERS, RowIssue
 from prefprune.data.loader import open_source
-from prefprune.data.report import DataError
+from prefprune.errors import DataError
 
 
 @dataclass

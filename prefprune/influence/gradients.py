@@ -20,11 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import GradientError
 from ..reward_model import PairBatch, RewardModel, bradley_terry_loss
-
-
-class GradientError(RuntimeError):
-    """The model has trainable parameters that the batched path cannot attribute per pair."""
 
 
 @dataclass

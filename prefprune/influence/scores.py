@@ -40,6 +40,7 @@ import torch
 
 from .. import distributed
 from ..data import fingerprint
+from ..errors import InfluenceError
 from ..progress import progress_bar
 from ..reward_model import RewardModel, save_json_atomic
 from ..training import iter_pair_batches
@@ -56,10 +57,6 @@ _TARGET_SCORES = {"if", "flip", "grad_dot", "grad_cos"}
 _MAX_DIRECT_PARAMS = 6000
 _MAX_DUAL_PAIRS = 20000
 DEFAULT_DAMPING = 0.1
-
-
-class InfluenceError(Exception):
-    """A scoring request cannot be carried out; the message says why and what to change."""
 
 
 @dataclass(frozen=True)

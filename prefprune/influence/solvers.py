@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from ..errors import NegativeCurvatureError
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[int, float], None]
 NegativeCurvaturePolicy = Literal["raise", "stop", "gauss_newton"]
@@ -32,20 +34,6 @@ NegativeCurvaturePolicy = Literal["raise", "stop", "gauss_newton"]
 _POWER_ITERATIONS = 20
 _POWER_SAFETY = 1.1
 _LISSA_GROWTH_LIMIT = 2.0
-
-
-class NegativeCurvatureError(RuntimeError):
-    """CG found a direction ``p`` with ``pᵀ(H + λI)p <= 0``: the damped Hessian is not PD.
-
-    CG minimises a quadratic that has no minimum in that case, so its iterate is
-    meaningless; the caller must raise the damping or switch to the (PSD)
-    Gauss–Newton curvature.
-    """
-
-    def __init__(self, message: str, *, iteration: int, curvature: float) -> None:
-        super().__init__(message)
-        self.iteration = iteration
-        self.curvature = curvature
 
 
 @dataclass

@@ -1,0 +1,262 @@
+"""Typed settings that own their help text, limits and choices, and check themselves.
+
+Every configuration object of prefprune (model, training, influence, experiment) is a frozen
+dataclass built on :class:`Settings`, with each field declared through :func:`setting`. The
+field's metadata carries what a user needs to know about it (help, minimum, maximum,
+choices), so that
+
+* constructing a config in Python validates it at once (``TrainConfig(batch_size=0)`` raises a
+  :class:`~prefprune.errors.ConfigError` naming the field, instead of a ``ZeroDivisionError``
+  deep in the training loop);
+* a YAML file goes through the same checks, with the file and the dotted field in the message;
+* the command line builds its options from the same metadata (:mod:`prefprune.cli.options`),
+  so a flag is its field's name and has exactly the field's help and limits.
+
+Type annotations drive the checks: ``int``, ``float``, ``bool``, ``str``, ``X | None``,
+``tuple[X, ...]``, fixed-length tuples, nested :class:`Settings` and ``dict`` fields are
+understood. Lists become tuples, integers are accepted where a float is expected, and numbers
+written as strings (YAML 1.1 reads ``1e-3`` as a string) are accepted for float fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+from prefprune.errors import ConfigError
+
+S = TypeVar("S", bound="Settings")
+_MISSING = dataclasses.MISSING
+
+
+def setting(default: Any = _MISSING, *, help: str, min: float | None = None,
+            max: float | None = None, above: float | None = None,
+            choices: tuple[Any, ...] | None = None, default_factory: Any = _MISSING,
+            cli: bool = True, persist: bool = True, identity: bool = True,
+            metavar: str | None = None) -> Any:
+    """A dataclass field with what users and the CLI need to know about it.
+
+    ``min``/``max`` are inclusive bounds and ``above`` an exclusive lower bound (applied to each
+    element of a tuple); ``choices`` the allowed values. ``cli=False`` keeps the field off the
+    command line (it stays a Python and YAML setting). ``persist=False`` keeps it out of every
+    saved file: a setting that must come from the user each time (``trust_remote_code``).
+    ``identity=False`` marks a runtime setting (a cache budget) that does not change results,
+    so it is left out of fingerprints.
+    """
+    metadata = {"help": help, "min": min, "max": max, "above": above, "choices": choices,
+                "cli": cli, "persist": persist, "identity": identity, "metavar": metavar}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of prefprune's configs: checks and normalises every field on construction.
+
+    Subclasses add cross-field rules in :meth:`validate`.
+    """
+
+    #: Name used in messages about the whole object (e.g. ``train``).
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(getattr(self, f.name), hints[f.name], f.name)
+            _check_limits(value, f)
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field rules; raise :class:`ConfigError` naming the field at fault."""
+
+    # --- conversion ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML values (tuples as lists, nested settings as dicts), without the
+        fields that must never be saved."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("persist", True):
+                out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change results: :meth:`to_dict` without runtime-only fields."""
+        return {k: v for k, v in self.to_dict().items()
+                if _field(type(self), k).metadata.get("identity", True)}
+
+    @classmethod
+    def from_dict(cls: type[S], data: Mapping[str, Any] | None, **fixed: Any) -> S:
+        """Build from plain values (a YAML section); unknown keys are errors.
+
+        ``fixed`` are values that do not come from the file (e.g. ``trust_remote_code`` from
+        the user's own flag); a field that must not be saved may not be set by ``data``.
+        """
+        data = dict(data or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError("", f"unknown setting(s) {', '.join(unknown)}; known: "
+                                  f"{', '.join(known)}")
+        for name in data:
+            if not known[name].metadata.get("persist", True) and data[name] != known[name].default:
+                raise ConfigError(name, "cannot be set from a file; only its command-line "
+                                        "flag or a Python argument can set it")
+        return cls(**{**data, **fixed})
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fields_help(cls) -> dict[str, dataclasses.Field]:
+        """Every field with its metadata, in declaration order (for the CLI and the docs)."""
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Settings):
+        return value.to_dict()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# --- type checks ----------------------------------------------------------------------------------
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " (or null)"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(args)} values"
+    if isinstance(annotation, type) and issubclass(annotation, Settings):
+        return "a mapping of settings"
+    return _KIND_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` as ``annotation`` says, or a :class:`ConfigError` naming ``name``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], name)
+    if origin is tuple:
+        return _coerce_tuple(value, args, annotation, name)
+    if origin in (dict, Mapping) or annotation in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _wrong(name, value, "a mapping")
+        return dict(value)
+    if isinstance(annotation, type) and issubclass(annotation, Settings):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return annotation.from_dict(value)
+            except ConfigError as exc:
+                raise exc.within(name) from None
+        raise _wrong(name, value, _describe(annotation))
+    return _coerce_scalar(value, annotation, name)
+
+
+def _coerce_tuple(value: Any, args: tuple, annotation: Any, name: str) -> tuple:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise _wrong(name, value, _describe(annotation))
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise _wrong(name, value, _describe(annotation))
+    return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _coerce_scalar(value: Any, annotation: Any, name: str) -> Any:
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        number = _number(value)
+        if number is not None:
+            return number
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise _wrong(name, value, _describe(annotation))
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from an int, a float or a numeric string; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _wrong(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(name, f"expected {expected}, got {value!r}")
+
+
+def _check_limits(value: Any, f: dataclasses.Field) -> None:
+    meta = f.metadata
+    values = value if isinstance(value, tuple) else (value,)
+    for item in values:
+        if item is None or isinstance(item, Settings | Mapping | tuple):
+            continue
+        choices = meta.get("choices")
+        if choices is not None and item not in choices:
+            allowed = ", ".join(map(str, choices))
+            raise ConfigError(f.name, f"must be one of {allowed}, got {item!r}")
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            continue
+        if meta.get("min") is not None and item < meta["min"]:
+            raise ConfigError(f.name, f"must be >= {meta['min']}, got {item!r}")
+        if meta.get("max") is not None and item > meta["max"]:
+            raise ConfigError(f.name, f"must be <= {meta['max']}, got {item!r}")
+        if meta.get("above") is not None and item <= meta["above"]:
+            raise ConfigError(f.name, f"must be > {meta['above']}, got {item!r}")
