@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from prefprune.layer_cache import FrozenLayerCache
+from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.pipeline import prepare_data
-from prefprune.reward_model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, evaluate, train_reward_model
 
 VARIANTS = {
@@ -40,9 +39,8 @@ VARIANTS = {
 
 def run(variant: str, data, epochs: int) -> dict:
     layers, cached = VARIANTS[variant]
-    model = RewardModel.create(RewardModelConfig(lora_layers=layers), seed=0)
-    cache = FrozenLayerCache() if cached else None
-    model.use_layer_cache(cache)
+    config = RewardModelConfig(lora_layers=layers, layer_cache_mb=2048.0 if cached else 0.0)
+    model = RewardModel.create(config, seed=0)
     start = time.perf_counter()
     trained = train_reward_model(model, data.splits["train"],
                                  TrainConfig(epochs=epochs, batch_size=8, learning_rate=5e-3),
@@ -54,7 +52,7 @@ def run(variant: str, data, epochs: int) -> dict:
             "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
             "test_accuracy": test.accuracy, "test_loss": test.loss,
             "final_train_loss": trained.epoch_losses[-1],
-            "cache": cache.stats.to_dict() if cache else None}
+            "cache": model.layer_cache.stats.to_dict() if model.layer_cache else None}
 
 
 def main() -> None:

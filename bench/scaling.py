@@ -47,8 +47,8 @@ def point(data: str, n: int, rank: int, hessian: bool) -> dict:
     import torch
 
     from prefprune.data import load_preferences
-    from prefprune.influence.scores import InfluenceConfig, compute_scores
-    from prefprune.reward_model import RewardModel, RewardModelConfig
+    from prefprune.influence import InfluenceConfig, compute_scores
+    from prefprune.model import RewardModel, RewardModelConfig
     from prefprune.training import TrainConfig, train_reward_model
 
     torch.set_num_threads(1)

@@ -38,9 +38,9 @@ import torch
 from scipy.stats import spearmanr
 
 from prefprune import distributed
-from prefprune.influence.scores import InfluenceConfig, compute_scores
+from prefprune.influence import InfluenceConfig, compute_scores
+from prefprune.model import RewardModel
 from prefprune.pipeline import prepare_data
-from prefprune.reward_model import RewardModel
 from prefprune.training import TrainConfig, train_reward_model
 
 

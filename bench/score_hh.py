@@ -20,9 +20,9 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from prefprune.influence.scores import InfluenceConfig, compute_scores
+from prefprune.influence import InfluenceConfig, compute_scores
+from prefprune.model import RewardModel
 from prefprune.pipeline import prepare_data, validation_targets
-from prefprune.reward_model import RewardModel
 from prefprune.training import TrainConfig, train_reward_model
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from prefprune.model import RewardModelConfig
 from prefprune.pipeline import prepare_data, train_and_evaluate
-from prefprune.reward_model import RewardModelConfig
 from prefprune.training import TrainConfig
 
 

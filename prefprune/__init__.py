@@ -10,14 +10,17 @@ selection → retrain → report:
 >>> scores.result.table.nsmallest(10, "rank_if")       # the ten most harmful pairs
 >>> prune_source(scores_path, "pairs.jsonl", "pruned/", by="if", fraction=0.1)
 
-``Experiment(ExperimentConfig(...), "runs/x").run()`` is the whole SPEC §4 protocol: train,
-score, prune per method and fraction, retrain, compare over seeds; ``write_report`` renders it.
+``Experiment(ExperimentConfig(...), "runs/x").run()`` is the whole protocol of
+docs/method.md: train, score, prune per method and fraction, retrain, compare over seeds;
+``write_report`` renders it.
 
-Every score is a harm: larger = more harmful, rank 1 = the most harmful pair.
+Every score is a harm: larger = more harmful, rank 1 = the most harmful pair. Every setting
+lives in a validated config (``RewardModelConfig``, ``TrainConfig``, ``InfluenceConfig``,
+``ExperimentConfig``); every user-facing error is a ``PrefpruneError``.
 """
 
 from prefprune.data import (
-    DataError,
+    DataOptions,
     IngestionReport,
     LoadResult,
     default_dataset_path,
@@ -26,20 +29,22 @@ from prefprune.data import (
     load_preferences,
     split_preferences,
 )
-from prefprune.experiment import (
-    Experiment,
-    ExperimentConfig,
-    ExperimentResult,
-    demo_config,
-)
-from prefprune.influence.scores import (
-    ALL_SCORES,
-    InfluenceConfig,
+from prefprune.errors import (
+    ConfigError,
+    ConvergenceWarning,
+    DataError,
+    ExperimentError,
     InfluenceError,
-    ScoreResult,
-    compute_scores,
+    ModelError,
+    OutputError,
+    PrefpruneError,
+    PrefpruneWarning,
+    SelectionError,
+    StaleDataWarning,
 )
-from prefprune.layer_cache import FrozenLayerCache
+from prefprune.experiment import Experiment, ExperimentConfig, ExperimentResult, demo_config
+from prefprune.influence import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
+from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
     PreparedData,
     ScoreOutcome,
@@ -51,17 +56,20 @@ from prefprune.pipeline import (
 )
 from prefprune.pruning import inject_flips, prune_source, select
 from prefprune.report import write_report
-from prefprune.reward_model import ModelError, RewardModel, RewardModelConfig
 from prefprune.training import EvalResult, TrainConfig, TrainResult, evaluate, train_reward_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_SCORES",
+    "ConfigError",
+    "ConvergenceWarning",
     "DataError",
+    "DataOptions",
     "EvalResult",
     "Experiment",
     "ExperimentConfig",
+    "ExperimentError",
     "ExperimentResult",
     "FrozenLayerCache",
     "InfluenceConfig",
@@ -69,11 +77,16 @@ __all__ = [
     "IngestionReport",
     "LoadResult",
     "ModelError",
+    "OutputError",
+    "PrefpruneError",
+    "PrefpruneWarning",
     "PreparedData",
     "RewardModel",
     "RewardModelConfig",
     "ScoreOutcome",
     "ScoreResult",
+    "SelectionError",
+    "StaleDataWarning",
     "TrainConfig",
     "TrainOutcome",
     "TrainResult",

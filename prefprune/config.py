@@ -61,16 +61,21 @@ class Settings:
     Subclasses add cross-field rules in :meth:`validate`.
     """
 
-    #: Name used in messages about the whole object (e.g. ``train``).
+    #: Name of the section in a YAML file and in messages (e.g. ``train``).
     section: ClassVar[str] = ""
+    #: The error raised for an invalid setting (a subclass says which stage complained).
+    error: ClassVar[type[ConfigError]] = ConfigError
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name], f.name)
-            _check_limits(value, f)
-            object.__setattr__(self, f.name, value)
-        self.validate()
+        try:
+            for f in dataclasses.fields(self):
+                value = _coerce(getattr(self, f.name), hints[f.name], f.name)
+                _check_limits(value, f)
+                object.__setattr__(self, f.name, value)
+            self.validate()
+        except ConfigError as exc:
+            raise self.error(exc.field, exc.problem) from None
 
     def validate(self) -> None:
         """Cross-field rules; raise :class:`ConfigError` naming the field at fault."""
@@ -80,16 +85,22 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML values (tuples as lists, nested settings as dicts), without the
         fields that must never be saved."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.metadata.get("persist", True):
-                out[f.name] = _plain(getattr(self, f.name))
-        return out
+        return self._plain_fields(identity=False)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that change results: :meth:`to_dict` without runtime-only fields."""
-        return {k: v for k, v in self.to_dict().items()
-                if _field(type(self), k).metadata.get("identity", True)}
+        """The settings that change results: :meth:`to_dict` without runtime-only fields (a
+        cache budget), at every level. Fingerprints and resume checks compare this."""
+        return self._plain_fields(identity=True)
+
+    def _plain_fields(self, *, identity: bool) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("persist", True):
+                continue
+            if identity and not f.metadata.get("identity", True):
+                continue
+            out[f.name] = _plain(getattr(self, f.name), identity)
+        return out
 
     @classmethod
     def from_dict(cls: type[S], data: Mapping[str, Any] | None, **fixed: Any) -> S:
@@ -102,12 +113,12 @@ class Settings:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError("", f"unknown setting(s) {', '.join(unknown)}; known: "
-                                  f"{', '.join(known)}")
+            raise cls.error("", f"unknown setting(s) {', '.join(unknown)}; known: "
+                                f"{', '.join(known)}")
         for name in data:
             if not known[name].metadata.get("persist", True) and data[name] != known[name].default:
-                raise ConfigError(name, "cannot be set from a file; only its command-line "
-                                        "flag or a Python argument can set it")
+                raise cls.error(name, "cannot be set from a file; only its command-line "
+                                      "flag or a Python argument can set it")
         return cls(**{**data, **fixed})
 
     def replace(self: S, **changes: Any) -> S:
@@ -120,10 +131,6 @@ class Settings:
         return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _field(cls: type, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
-
-
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -133,13 +140,13 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, identity: bool = False) -> Any:
     if isinstance(value, Settings):
-        return value.to_dict()
+        return value.identity() if identity else value.to_dict()
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return [_plain(v, identity) for v in value]
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, identity) for k, v in value.items()}
     return value
 
 
@@ -186,7 +193,7 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             try:
                 return annotation.from_dict(value)
             except ConfigError as exc:
-                raise exc.within(name) from None
+                raise ConfigError(exc.within(name).field, exc.problem) from None
         raise _wrong(name, value, _describe(annotation))
     return _coerce_scalar(value, annotation, name)
 
@@ -239,7 +246,7 @@ def _number(value: Any) -> float | None:
 
 
 def _wrong(name: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(name, f"expected {expected}, got {value!r}")
+    return ConfigError(name, f"must be {expected}, got {value!r}")
 
 
 def _check_limits(value: Any, f: dataclasses.Field) -> None:

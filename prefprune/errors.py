@@ -25,9 +25,9 @@ class ConfigError(PrefpruneError, ValueError):
         self.problem = problem
         super().__init__(f"{field}: {problem}" if field else problem)
 
-    def within(self, prefix: str, sep: str = ".") -> ConfigError:
-        """The same error with ``prefix`` (a section, or a file with ``sep=": "``) in front."""
-        return ConfigError(f"{prefix}{sep}{self.field}" if self.field else prefix, self.problem)
+    def within(self, section: str) -> ConfigError:
+        """The same error for a field of the nested ``section`` (``epochs`` -> ``train.epochs``)."""
+        return type(self)(f"{section}.{self.field}" if self.field else section, self.problem)
 
 
 class DataError(PrefpruneError, ValueError):
@@ -40,6 +40,10 @@ class ModelError(PrefpruneError):
 
 class InfluenceError(PrefpruneError):
     """A scoring request cannot be carried out; the message says why and what to change."""
+
+
+class InfluenceConfigError(ConfigError, InfluenceError):
+    """An :class:`~prefprune.influence.config.InfluenceConfig` setting is invalid."""
 
 
 class NegativeCurvatureError(InfluenceError):
@@ -65,6 +69,10 @@ class SelectionError(PrefpruneError, ValueError):
 
 class ExperimentError(PrefpruneError, ValueError):
     """An experiment cannot run as configured, or its folder holds another experiment."""
+
+
+class ExperimentConfigError(ConfigError, ExperimentError):
+    """An :class:`~prefprune.experiment.config.ExperimentConfig` setting is invalid."""
 
 
 class OutputError(PrefpruneError):

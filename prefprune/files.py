@@ -114,31 +114,35 @@ def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLik
                               "output outside your inputs")
 
 
-def claim_folder(folder: str | os.PathLike, kind: str, *, overwrite: bool = False,
-                 resume: bool = False,
-                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Make ``folder`` ready to receive a ``kind`` output and return it.
-
-    A new or empty folder is created and marked. A folder marked with the same kind is
-    accepted when ``resume`` (an experiment picking up where it stopped) or ``overwrite`` (the
-    caller will replace its own files) is set; any other existing content is refused with an
-    :class:`OutputError` that says why, so nothing the user made is ever replaced.
-    """
+def check_folder(folder: str | os.PathLike, kind: str, *, overwrite: bool = False,
+                 resume: bool = False, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse, with an :class:`OutputError` that says why, to put a ``kind`` output in
+    ``folder`` unless it is new, empty, or marked with the same kind and the caller may
+    ``resume`` it (an experiment picking up where it stopped) or ``overwrite`` it."""
     folder = Path(folder)
     check_not_input(folder, inputs)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} exists and is not a folder; choose a new folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        found = marker_kind(folder)
-        if found is None:
-            raise OutputError(f"{folder} is not empty and was not written by prefprune; "
-                              "refusing to write into it. Choose a new or empty folder")
-        if found != kind:
-            raise OutputError(f"{folder} holds a prefprune {found}, not a {kind}; choose "
-                              "another folder")
-        if not (resume or overwrite):
-            raise OutputError(f"{folder} already holds a prefprune {kind} from an earlier "
-                              "run; pass --overwrite to replace it, or choose another folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    found = marker_kind(folder)
+    if found is None:
+        raise OutputError(f"{folder} is not empty and was not written by prefprune; "
+                          "refusing to write into it. Choose a new or empty folder")
+    if found != kind:
+        raise OutputError(f"{folder} holds a prefprune {found}, not a {kind}; choose "
+                          "another folder")
+    if not (resume or overwrite):
+        raise OutputError(f"{folder} already holds a prefprune {kind} from an earlier "
+                          "run; pass --overwrite to replace it, or choose another folder")
+
+
+def claim_folder(folder: str | os.PathLike, kind: str, *, overwrite: bool = False,
+                 resume: bool = False,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Check ``folder`` as :func:`check_folder` does, then create and mark it."""
+    check_folder(folder, kind, overwrite=overwrite, resume=resume, inputs=inputs)
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if marker_kind(folder) is None:
         mark(folder, kind)
@@ -160,6 +164,21 @@ def check_output_file(path: str | os.PathLike, *, owned: Callable[[Path], bool],
     if not overwrite:
         raise OutputError(f"{path} already exists (an earlier run's output); pass --overwrite "
                           "to replace it, or choose another name")
+
+
+def remove_entries(folder: Path, names: Iterable[str]) -> None:
+    """Remove the named entries of a folder prefprune marked as its own (an ``overwrite``).
+
+    Only the entries a command itself writes are named, so anything a user added by hand to
+    an output folder survives even an overwrite.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if marker_kind(folder) is None:
+        raise OutputError(f"{folder} was not written by prefprune; refusing to clear it")
+    for name in names:
+        _remove(folder / name)
 
 
 @contextmanager

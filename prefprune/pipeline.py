@@ -3,15 +3,15 @@ score every training pair.
 
 The CLI only parses arguments and prints; everything it does goes through these functions with
 the same defaults, so a Python user gets exactly what ``prefprune train`` or ``prefprune demo``
-would produce. With LoRA on the top layers only (``lora_layers``), these steps serve the
-frozen layers from a :class:`~prefprune.layer_cache.FrozenLayerCache`.
+would produce. Every step that writes checks its output first, before any expensive work: an
+output that would replace an input, or a file or folder prefprune did not write, is refused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +21,24 @@ import datasets
 
 from prefprune import distributed
 from prefprune.data import (
-    DataError,
     IngestionReport,
     default_dataset_path,
     fingerprint,
     load_preferences,
     split_preferences,
 )
-from prefprune.influence.scores import InfluenceConfig, ScoreResult, compute_scores
-from prefprune.layer_cache import FrozenLayerCache
-from prefprune.reward_model import METADATA_FILE, RewardModel, RewardModelConfig
+from prefprune.errors import DataError, StaleDataWarning
+from prefprune.files import check_folder, check_output_file, claim_folder
+from prefprune.influence.config import InfluenceConfig
+from prefprune.influence.engine import (
+    ScoreResult,
+    compute_scores,
+    is_score_sidecar,
+    is_score_table,
+    sidecar_of,
+)
+from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
+from prefprune.model.loading import read_json
 from prefprune.training import (
     EvalResult,
     TrainConfig,
@@ -42,27 +50,21 @@ from prefprune.training import (
 
 #: Splits a trained model is measured on; train is fitted, not measured.
 EVAL_SPLITS = ("validation", "test")
-#: RAM for cached frozen-layer activations when LoRA adapts only the top layers.
-DEFAULT_LAYER_CACHE_MB = 2048.0
-
-
-def with_layer_cache(model: RewardModel, budget_mb: float = DEFAULT_LAYER_CACHE_MB,
-                     cache: FrozenLayerCache | None = None) -> RewardModel:
-    """Serve ``model``'s frozen lower layers from ``cache`` (a new one of ``budget_mb`` when not
-    given) if LoRA adapts only its top layers; a budget of 0 turns caching off."""
-    if model.config.lora_layers and budget_mb > 0:
-        model.use_layer_cache(cache or FrozenLayerCache(budget_mb))
-    return model
 
 
 @dataclass
 class PreparedData:
-    """Loaded and split pairs, with the account of every input row and the train fingerprint."""
+    """Loaded and split pairs, with the account of every input row and their fingerprints.
+
+    ``fingerprint`` identifies the train split (what a model was trained on),
+    ``source_fingerprint`` every pair the source yielded (what a score table can be applied to).
+    """
 
     splits: datasets.DatasetDict
     report: IngestionReport
     fingerprint: str
     source: str
+    source_fingerprint: str = ""
 
     def sizes(self) -> dict[str, int]:
         """Pairs per split, for summaries."""
@@ -90,7 +92,24 @@ def prepare_data(
     loaded = load_preferences(path, format=format, columns=columns, strict=strict,
                               hub_config=hub_config, hub_split=hub_split, data_dir=data_dir)
     splits = split_preferences(loaded.dataset, fractions=fractions, seed=seed)
-    return PreparedData(splits, loaded.report, fingerprint(splits["train"]), str(path))
+    return PreparedData(splits, loaded.report, fingerprint(splits["train"]), str(path),
+                        fingerprint(loaded.dataset))
+
+
+def data_summary(data: PreparedData) -> dict[str, Any]:
+    """What was read and how it was split: the head of every result file and printout."""
+    report = data.report
+    return {"source": data.source, "format": report.format, "read": report.read,
+            "kept": report.kept, "skipped": len(report.skipped),
+            "skipped_by_reason": report.by_reason(), "sizes": data.sizes(),
+            "train_fingerprint": data.fingerprint,
+            "source_fingerprint": data.source_fingerprint}
+
+
+def truncation(model: RewardModel, data: PreparedData) -> dict[str, Truncation]:
+    """Per non-empty split, how many pairs lose text at the model's ``max_length``."""
+    return {name: model.encoder.truncation(split)
+            for name, split in data.splits.items() if len(split)}
 
 
 @dataclass
@@ -102,6 +121,7 @@ class TrainOutcome:
     metrics: dict[str, EvalResult]
     data: PreparedData
     seconds: float
+    truncation: dict[str, Truncation]
 
 
 def train_and_evaluate(
@@ -110,40 +130,48 @@ def train_and_evaluate(
     train_config: TrainConfig | None = None,
     *,
     output: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = True,
-    layer_cache_mb: float = DEFAULT_LAYER_CACHE_MB,
 ) -> TrainOutcome:
     """Train a fresh reward model (seeded by ``train_config.seed``) on the train split and
     evaluate it on every non-empty held-out split; save it to ``output`` when given.
 
-    The saved metadata records the training settings, the train fingerprint and the metrics,
-    so that a model directory says on its own what it was trained on and how well it did.
+    ``output`` is checked before training starts: it must be a new or empty folder, or (with
+    ``overwrite``) a reward model prefprune saved, and must not hold the data. The saved
+    metadata records the training settings, the train fingerprint and the metrics, so that a
+    model directory says on its own what it was trained on and how well it did.
     """
     train_config = train_config or TrainConfig()
+    if output is not None:
+        check_folder(output, "model", overwrite=overwrite, inputs=[data.source])
+    resolve_device(train_config.device)
     start = time.perf_counter()
-    model = with_layer_cache(RewardModel.create(model_config, seed=train_config.seed),
-                             layer_cache_mb)
+    model = RewardModel.create(model_config, seed=train_config.seed)
+    cuts = truncation(model, data)
     result = train_reward_model(model, data.splits["train"], train_config, progress=progress)
     metrics = {name: evaluate(model, data.splits[name], progress=progress)
                for name in EVAL_SPLITS if len(data.splits[name])}
-    outcome = TrainOutcome(model, result, metrics, data, time.perf_counter() - start)
+    outcome = TrainOutcome(model, result, metrics, data, time.perf_counter() - start, cuts)
     if output is not None:
         if distributed.is_main_process():  # under torchrun every rank holds the same model
-            save_outcome(outcome, train_config, Path(output))
+            save_outcome(outcome, train_config, Path(output), overwrite=overwrite)
         distributed.barrier()
     return outcome
 
 
-def save_outcome(outcome: TrainOutcome, train_config: TrainConfig, output: Path) -> Path:
+def save_outcome(outcome: TrainOutcome, train_config: TrainConfig, output: Path, *,
+                 overwrite: bool = False) -> Path:
     """Save the model with the metadata that makes a run traceable to its data and settings."""
     return outcome.model.save(
         output,
+        overwrite=overwrite,
         train_config=train_config.to_dict(),
         data_fingerprint=outcome.data.fingerprint,
         source=outcome.data.source,
         ingestion={k: v for k, v in outcome.data.report.to_dict().items() if k != "skipped"},
         metrics=metrics_dict(outcome.metrics),
         train=outcome.train.to_dict(),
+        truncation={k: v.to_dict() for k, v in outcome.truncation.items()},
     )
 
 
@@ -154,10 +182,12 @@ def evaluate_saved(
     *,
     device: str = "auto",
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> EvalResult:
     """Load a saved reward model and evaluate it on ``split`` of ``data`` (or on a dataset)."""
     pairs = data if isinstance(data, datasets.Dataset) else _split_of(data, split)
-    model = RewardModel.load(model_path).to(resolve_device(device))
+    target = resolve_device(device)
+    model = RewardModel.load(model_path, trust_remote_code=trust_remote_code).to(target)
     return evaluate(model, pairs, progress=progress)
 
 
@@ -170,7 +200,7 @@ def recorded_seed(model_path: str | os.PathLike) -> int:
     meta_file = Path(model_path) / METADATA_FILE
     if not meta_file.is_file():
         return 0
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, "prefprune model description")
     return int(meta.get("metadata", {}).get("train_config", {}).get("seed", 0))
 
 
@@ -218,6 +248,15 @@ def validation_targets(data: PreparedData, by: str | None = None) -> dict[str, d
     return targets
 
 
+def check_score_output(output: str | os.PathLike, *, overwrite: bool = False,
+                       inputs: list[Any] = ()) -> None:
+    """Refuse a score table path that would replace an input or a file prefprune did not
+    write (the table, or its ``.json`` sidecar)."""
+    check_output_file(output, owned=is_score_table, overwrite=overwrite, inputs=inputs)
+    check_output_file(sidecar_of(Path(output)), owned=is_score_sidecar, overwrite=True,
+                      inputs=inputs, what="--output's sidecar")
+
+
 def score_pairs(
     data: PreparedData,
     model: RewardModel | str | os.PathLike | None = None,
@@ -228,28 +267,40 @@ def score_pairs(
     target_column: str | None = None,
     output: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = True,
-    layer_cache_mb: float = DEFAULT_LAYER_CACHE_MB,
+    trust_remote_code: bool = False,
 ) -> ScoreOutcome:
     """Score every training pair of ``data`` against its validation split.
 
     ``model`` is a trained :class:`RewardModel`, a saved model directory, or ``None`` to train
     one first with ``model_config``/``train_config``. With ``output`` the table and sidecar are
     written there; intermediate shards go to ``work_dir`` (default: ``<output>.work``) so that
-    an interrupted run, started again, resumes.
+    an interrupted run, started again, resumes. Outputs are checked before any work starts.
     """
+    model_path = None if model is None or isinstance(model, RewardModel) else Path(model)
+    if output is not None:
+        check_score_output(output, overwrite=overwrite, inputs=[data.source, model_path])
+        if work_dir is None:
+            work_dir = Path(output).with_name(Path(output).name + ".work")
+    if work_dir is not None:
+        check_folder(work_dir, "score-work", resume=True, inputs=[data.source, model_path])
+    targets = validation_targets(data, target_column)
     trained = None
     if model is None:
-        trained = train_and_evaluate(data, model_config, train_config, progress=progress,
-                                     layer_cache_mb=layer_cache_mb)
+        trained = train_and_evaluate(data, model_config, train_config, progress=progress)
         model = trained.model
-    elif not isinstance(model, RewardModel):
-        model = with_layer_cache(RewardModel.load(model), layer_cache_mb)
-    if work_dir is None and output is not None:
-        work_dir = Path(output).with_name(Path(output).name + ".work")
-    result = compute_scores(model, data.splits["train"], validation_targets(data, target_column),
-                            influence_config, work_dir=work_dir, progress=progress)
+    elif model_path is not None:
+        cache_mb = (model_config or RewardModelConfig()).layer_cache_mb
+        model = RewardModel.load(model_path, layer_cache_mb=cache_mb,
+                                 trust_remote_code=trust_remote_code)
+    _warn_if_other_data(model, data)
+    if work_dir is not None and distributed.is_main_process():
+        claim_folder(work_dir, "score-work", resume=True)
+    result = compute_scores(model, data.splits["train"], targets, influence_config,
+                            work_dir=work_dir, progress=progress)
     result.metadata["source"] = data.source
+    result.metadata["source_fingerprint"] = data.source_fingerprint
     result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
     if trained is not None:
         result.metadata["model_metrics"] = metrics_dict(trained.metrics)
@@ -259,3 +310,13 @@ def score_pairs(
             paths = result.save(output)
         distributed.barrier()
     return ScoreOutcome(result, model, trained, paths)
+
+
+def _warn_if_other_data(model: RewardModel, data: PreparedData) -> None:
+    """Scoring a model on pairs it was not trained on is allowed, but the user should know."""
+    trained_on = model.metadata.get("data_fingerprint")
+    if trained_on and trained_on != data.fingerprint and distributed.is_main_process():
+        warnings.warn(f"the model was trained on other pairs (train fingerprint {trained_on}) "
+                      f"than this data's train split ({data.fingerprint}); influence assumes "
+                      "the model was fitted on the pairs it scores", StaleDataWarning,
+                      stacklevel=2)

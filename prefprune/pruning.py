@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,18 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from prefprune.data import DataError, load_preferences
+from prefprune.data import fingerprint, load_preferences
 from prefprune.data.writer import RewriteReport, rewrite_source
-from prefprune.errors import SelectionError
-from prefprune.reward_model import save_json_atomic
+from prefprune.errors import DataError, SelectionError, StaleDataWarning
+from prefprune.files import (
+    check_folder,
+    claim_folder,
+    remove_entries,
+    write_json_atomic,
+    write_text_atomic,
+)
+from prefprune.influence import ALL_SCORES
+from prefprune.influence.engine import sidecar_of
 
 DIRECTIONS = ("harmful", "helpful")
 
@@ -48,16 +57,27 @@ def selection_size(total: int, fraction: float) -> int:
     return max(1, round(fraction * total))
 
 
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """The columns a selection may rank by: the scores. prefprune writes a ``rank_<score>``
+    beside each; a table made by hand may also use a score's name (``if``, ``if@target``).
+
+    Metadata (``source_row``, ``margin``) and the ranks themselves are not scores: ranking by
+    ``rank_if`` would take the pairs with the *largest* rank number, the least harmful.
+    """
+    return [c for c in table.columns
+            if f"rank_{c}" in table.columns or str(c).split("@")[0] in ALL_SCORES]
+
+
 def select(table: pd.DataFrame, by: str, fraction: float,
            direction: str = "harmful") -> Selection:
     """The top ``fraction`` of ``table`` by score column ``by`` in ``direction``."""
     if direction not in DIRECTIONS:
         raise SelectionError(f"direction must be one of {', '.join(DIRECTIONS)}, "
                              f"not {direction!r}")
-    if by not in table.columns:
-        scores = [c for c in table.columns if not c.startswith("rank_")
-                  and pd.api.types.is_float_dtype(table[c])]
-        raise SelectionError(f"the score table has no column {by!r}; scores: "
+    scores = score_columns(table)
+    if by not in scores:
+        what = "has no column" if by not in table.columns else "has no score column"
+        raise SelectionError(f"the score table {what} {by!r}; rank by one of its scores: "
                              f"{', '.join(scores)}")
     values = table[by].to_numpy(dtype=np.float64)
     if np.isnan(values).any():
@@ -121,14 +141,42 @@ class PruneResult:
     removed_file: Path
     summary_file: Path
     action: str
+    summary: dict[str, Any]
+    table: pd.DataFrame
+
+    def selected_scores(self) -> list[tuple[str, float]]:
+        """(id, score) of every selected pair, most extreme first."""
+        values = self.table.set_index(self.table["id"].astype(str))[self.selection.by]
+        return [(pid, float(values[pid])) for pid in self.selection.ids]
+
+
+#: What ``prune`` writes into its folder besides the data (replaced with ``overwrite``).
+REMOVED_FILE = "removed.jsonl"
+SUMMARY_FILE = "prune.json"
 
 
 def read_scores(path: str | os.PathLike) -> pd.DataFrame:
-    """A score table written by ``prefprune score`` (Parquet)."""
+    """A score table written by ``prefprune score`` (Parquet), checked to be usable."""
     try:
-        return pd.read_parquet(path)
+        table = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable score table (Parquet): {exc}") from exc
+    return check_score_table(table, str(path))
+
+
+def check_score_table(table: pd.DataFrame, where: str = "the score table") -> pd.DataFrame:
+    """A score table needs a unique ``id`` per row and at least one score column."""
+    if "id" not in table.columns:
+        raise DataError(f"{where}: no 'id' column, so its rows cannot be matched to pairs")
+    ids = table["id"].astype(str)
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise DataError(f"{where}: {len(duplicated)} duplicated id(s) (e.g. "
+                        f"'{duplicated.iloc[0]}'); each pair must appear once")
+    if not score_columns(table):
+        raise DataError(f"{where}: no score column (one of {', '.join(ALL_SCORES)}, or a "
+                        "column with a rank_<column> beside it)")
+    return table
 
 
 def prune_source(
@@ -140,31 +188,60 @@ def prune_source(
     fraction: float = 0.1,
     direction: str = "harmful",
     relabel: bool = False,
+    overwrite: bool = False,
     data_options: Mapping[str, Any] | None = None,
 ) -> PruneResult:
     """Remove (or relabel) the top ``fraction`` of scored pairs from ``source``.
 
-    ``output`` is a directory that receives the source rewritten in its own format and layout
-    under its own name, ``removed.jsonl`` (one line per affected pair: action, every score and
-    rank, metadata and texts) and ``prune.json`` (the selection and the counts).
+    ``output`` is a new or empty folder (or, with ``overwrite``, an earlier prune output) that
+    receives the source rewritten in its own format and layout under its own name,
+    ``removed.jsonl`` (one line per affected pair: action, every score and rank, metadata and
+    texts) and ``prune.json`` (the selection and the counts). A score table saved with its
+    sidecar must come from this very data (same pairs, same fingerprint), or nothing is
+    written.
     """
-    table = read_scores(scores) if not isinstance(scores, pd.DataFrame) else scores
+    table = read_scores(scores) if not isinstance(scores, pd.DataFrame) else \
+        check_score_table(scores)
     chosen = select(table, by, fraction, direction)
-    action = "relabel" if relabel else "remove"
-    ids = set(chosen.ids)
     output = Path(output)
+    inputs = [source] if isinstance(scores, pd.DataFrame) else [source, scores]
+    check_folder(output, "prune", overwrite=overwrite, inputs=inputs)
     options = dict(data_options or {})
     options.pop("strict", None)
+    texts = load_preferences(source, **options).dataset
+    if not isinstance(scores, pd.DataFrame):
+        _check_same_data(Path(scores), texts, source)
+    action = "relabel" if relabel else "remove"
+    ids = set(chosen.ids)
+    claim_folder(output, "prune", overwrite=overwrite)
+    remove_entries(output, (REMOVED_FILE, SUMMARY_FILE))
     rewrite = rewrite_source(source, output / _output_name(source), **options,
                              remove=set() if relabel else ids, relabel=ids if relabel else set())
-    removed_file = output / "removed.jsonl"
-    _write_evidence(removed_file, table, chosen, action, source, options)
-    summary_file = output / "prune.json"
-    save_json_atomic(summary_file, {
-        **chosen.to_dict(), "action": action, "source": str(source),
-        "output": str(rewrite.output), "rows_in": rewrite.rows_in, "rows_out": rewrite.rows_out,
-        "scored_pairs": len(table)})
-    return PruneResult(chosen, rewrite, removed_file, summary_file, action)
+    removed_file = output / REMOVED_FILE
+    _write_evidence(removed_file, table, chosen, action, texts)
+    summary = {**chosen.to_dict(), "action": action, "source": str(source),
+               "output": str(rewrite.output), "rows_in": rewrite.rows_in,
+               "rows_out": rewrite.rows_out, "scored_pairs": len(table)}
+    summary_file = write_json_atomic(output / SUMMARY_FILE, summary)
+    return PruneResult(chosen, rewrite, removed_file, summary_file, action, summary, table)
+
+
+def _check_same_data(scores: Path, texts: datasets.Dataset, source: str | os.PathLike) -> None:
+    """The sidecar records the fingerprint of every pair the scored source yielded; pruning
+    other data with it would act on the wrong pairs, or on some and silently not others."""
+    sidecar = sidecar_of(scores)
+    if not sidecar.is_file():
+        warnings.warn(f"{scores} has no sidecar ({sidecar.name}), so prune cannot check that "
+                      f"it was computed on {source}", StaleDataWarning, stacklevel=3)
+        return
+    try:
+        expected = json.loads(sidecar.read_text()).get("source_fingerprint")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{sidecar}: not a readable score sidecar: {exc}") from exc
+    if expected and expected != fingerprint(texts):
+        raise DataError(f"{scores} was computed on other data than {source} ({len(texts)} "
+                        f"pairs now, fingerprint {fingerprint(texts)}; the scores record "
+                        f"{expected}). Score this data again before pruning it")
 
 
 def _output_name(source: str | os.PathLike) -> str:
@@ -174,9 +251,8 @@ def _output_name(source: str | os.PathLike) -> str:
 
 
 def _write_evidence(path: Path, table: pd.DataFrame, chosen: Selection, action: str,
-                    source: str | os.PathLike, options: Mapping[str, Any]) -> None:
+                    texts: datasets.Dataset) -> None:
     """One JSON line per affected pair, most extreme first: why it was picked, and what."""
-    texts = load_preferences(source, **options).dataset
     row_of = {pid: i for i, pid in enumerate(texts["id"])}
     by_id = table.set_index(table["id"].astype(str))
     lines = []
@@ -187,6 +263,4 @@ def _write_evidence(path: Path, table: pd.DataFrame, chosen: Selection, action: 
         record.update({k: pair[k] for k in ("prompt", "chosen", "rejected", "source_file",
                                             "source_row")})
         lines.append(json.dumps(record, ensure_ascii=False))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")

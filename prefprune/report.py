@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from prefprune.experiment import CONFIG_FILE, ExperimentResult
+from prefprune.files import write_bytes_atomic
 
-#: Metadata columns whose groups a user wants harm summed over (SPEC §4, aggregations).
+#: Metadata columns whose groups a user wants harm summed over (docs/method.md, section 4).
 GROUP_COLUMNS = ("worker", "batch", "policy_pair", "subreddit")
 TOP_PAIRS = 10
 
@@ -47,17 +47,11 @@ def write_report(result: ExperimentResult, output: str | Path,
     figures.mkdir(parents=True, exist_ok=True)
     for section in sections:
         if section.figure and section.figure_png:
-            _write_bytes(figures / f"{section.figure}.png", section.figure_png)
+            write_bytes_atomic(figures / f"{section.figure}.png", section.figure_png)
     paths = {"markdown": output / "report.md", "html": output / "report.html"}
-    _write_bytes(paths["markdown"], render_markdown(sections).encode())
-    _write_bytes(paths["html"], render_html(sections).encode())
+    write_bytes_atomic(paths["markdown"], render_markdown(sections).encode())
+    write_bytes_atomic(paths["html"], render_html(sections).encode())
     return paths
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --- content -----------------------------------------------------------------------------------
@@ -111,7 +105,7 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         "the same initialisation, seed and hyper-parameters as its unpruned baseline; "
         "differences are paired by seed.",
         f"Reproduce: `{rerun}` ({_plural(len(result.runs), 'training run')}, "
-        f"{sum(r['seconds'] for r in result.runs) / 60:.0f} minutes of training and "
+        f"{sum(r.seconds for r in result.runs) / 60:.0f} minutes of training and "
         "evaluation here).",
     ])
 

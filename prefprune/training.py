@@ -12,36 +12,54 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from . import distributed
-from .errors import DataError
-from .progress import progress_bar
-from .reward_model import PairBatch, RewardModel, bradley_terry_loss, seed_everything
+from prefprune import distributed
+from prefprune.config import Settings, setting
+from prefprune.errors import ConfigError, DataError
+from prefprune.model import (
+    PairBatch,
+    RewardModel,
+    bradley_terry_loss,
+    encoded_batches,
+    length_order,
+    seed_everything,
+)
+from prefprune.progress import progress_bar
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Optimisation settings. Retraining after pruning reuses the same object, so that the only
     difference between two runs is the data."""
 
-    epochs: int = 3
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool | None = None  # None: bf16 autocast when the CUDA device supports it
+    section: ClassVar[str] = "train"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    epochs: int = setting(3, min=1, help="Passes over the training pairs.")
+    batch_size: int = setting(16, min=1, help="Pairs per forward pass.")
+    learning_rate: float = setting(2e-3, above=0.0, help="Peak AdamW learning rate.")
+    weight_decay: float = setting(0.0, min=0.0, help="AdamW weight decay.")
+    warmup_ratio: float = setting(
+        0.1, min=0.0, max=1.0, help="Share of the optimiser steps spent warming the learning "
+                                    "rate up (then it decays linearly to zero).")
+    grad_accum_steps: int = setting(
+        1, min=1, help="Batches whose gradients are summed before each optimiser step.")
+    max_grad_norm: float = setting(1.0, above=0.0, help="Gradient clipping norm.")
+    seed: int = setting(0, help="Seeds the initialisation, the data order and dropout.")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
+    bf16: bool | None = setting(
+        None, cli=False, help="bf16 autocast; null: on when the CUDA device supports it.")
+
+    def validate(self) -> None:
+        try:
+            torch.device("cpu" if self.device == "auto" else self.device)
+        except RuntimeError:
+            raise ConfigError("device", f"'{self.device}' is not a device; use auto, cpu, "
+                                        "cuda or cuda:N") from None
 
 
 @dataclass
@@ -84,30 +102,27 @@ class EvalResult:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` takes CUDA when present, else the CPU. Under ``torchrun`` plain ``cuda`` means
-    this process's own GPU (``LOCAL_RANK``)."""
+    this process's own GPU (``LOCAL_RANK``). Asking for a device this torch cannot use is a
+    :class:`ConfigError`, before any work starts."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and distributed.launched():
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device(name)
-
-
-def iter_pair_batches(model: RewardModel, records: Any, batch_size: int,
-                      order: Sequence[int] | None = None) -> Iterator[tuple[list[int], PairBatch]]:
-    """Yield (row indices, encoded batch) over ``records`` (anything indexable by a list of
-    rows that returns ``prompt``/``chosen``/``rejected`` columns, e.g. a ``datasets.Dataset``)."""
-    order = list(range(len(records))) if order is None else list(order)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        chunk = records[rows]
-        yield rows, model.encode_pairs(chunk["prompt"], chunk["chosen"], chunk["rejected"])
-
-
-def length_order(records: Any) -> list[int]:
-    """Rows sorted by text length, so that evaluation batches carry little padding."""
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in
-               zip(records["prompt"], records["chosen"], records["rejected"])]
-    return sorted(range(len(lengths)), key=lengths.__getitem__)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("device", f"'{name}' is not a device; use auto, cpu, cuda or "
+                                    "cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"'{name}' was asked for, but this torch build has no "
+                                        "usable CUDA device; use --device cpu (or auto)")
+        if device.index is None and distributed.launched():
+            return torch.device("cuda", distributed.local_rank())
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"'{name}': only {torch.cuda.device_count()} CUDA "
+                                        "device(s) here")
+    elif device.type != "cpu":
+        raise ConfigError("device", f"'{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int):
@@ -246,7 +261,7 @@ def evaluate(model: RewardModel, records: Any, *, batch_size: int = 64,
     model.model.eval()
     with progress_bar("evaluate", len(mine), progress and distributed.is_main_process()) \
             as advance:
-        for rows, batch in iter_pair_batches(model, records, batch_size, mine):
+        for rows, batch in encoded_batches(model.encoder, records, batch_size, mine):
             with _autocast(device, None):
                 margins[rows] = model.margins(batch.to(device)).double().cpu()
             advance(len(rows))

@@ -48,7 +48,7 @@ def build_tiny_backbone(kind: str, directory: Path, seed: int = 0) -> Path:
     """Save a tiny random ``kind`` sequence-classification model with a tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from prefprune.reward_model import default_backbone
+    from prefprune.model import default_backbone
 
     tokenizer = AutoTokenizer.from_pretrained(default_backbone())
     torch.manual_seed(seed)

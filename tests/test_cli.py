@@ -10,7 +10,8 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from prefprune.cli import app, build_train_config, parse_columns
+from prefprune.cli import app
+from prefprune.cli.commands import DATA, TRAIN
 from prefprune.data import generate_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -60,7 +61,7 @@ def test_unknown_column_is_a_data_error():
 @pytest.mark.parametrize("args, expected", [
     (["--column", "prompt"], "CANONICAL=COLUMN"),
     (["--column", "answer=good"], "not a canonical column"),
-    (["--format", "xml"], "not one of auto"),
+    (["--format", "xml"], "must be one of auto"),
 ])
 def test_bad_data_flags_are_usage_errors(args, expected):
     line = assert_one_error_line(run("data", "inspect", FIXTURES / "generic.csv", *args), 2)
@@ -122,19 +123,21 @@ def test_help_mentions_every_option(path, command):
                 assert flag in result.stdout, f"{flag} missing from '{' '.join(path)} --help'"
 
 
-def test_parse_columns():
-    assert parse_columns(["prompt=question", " chosen = good "]) == {
-        "prompt": "question", "chosen": "good"}
-    assert parse_columns(None) == {}
+def test_column_flags_build_the_mapping():
+    typed = DATA.typed({"column": ["prompt=question", " chosen = good "]})
+    assert typed["columns"] == {"prompt": "question", "chosen": "good"}
+    assert DATA.build({}).columns == {}
     with pytest.raises(typer.BadParameter, match="mapped twice"):
-        parse_columns(["prompt=a", "prompt=b"])
+        DATA.typed({"column": ["prompt=a", "prompt=b"]})
 
 
 def test_train_options_build_the_train_config():
-    config = build_train_config(epochs=2, batch_size=4, learning_rate=0.1, warmup_ratio=0.0,
-                                grad_accum=3, seed=7, device="cpu")
+    config = TRAIN.build({"epochs": 2, "batch_size": 4, "learning_rate": 0.1,
+                          "warmup_ratio": 0.0, "grad_accum_steps": 3, "seed": 7,
+                          "device": "cpu"})
     assert (config.epochs, config.grad_accum_steps, config.seed, config.device) == \
         (2, 3, 7, "cpu")
+    assert TRAIN.build({"epochs": None}).epochs == TRAIN.base.epochs  # untyped: the default
 
 
 def test_score_writes_table_and_sidecar_and_resumes(tmp_path, tiny_bert):
@@ -152,7 +155,9 @@ def test_score_writes_table_and_sidecar_and_resumes(tmp_path, tiny_bert):
     assert {"id", "if", "rank_if", "grad_cos", "loss", "random", "label_flipped"} <= set(table)
     assert sorted(table["rank_if"]) == list(range(1, len(table) + 1))
     assert sidecar["n_train"] == len(table) and sidecar["pairs_through_gradient_passes"] > 0
-    again = run(*args, "--json")
+    refused = run(*args)
+    assert "already exists" in assert_one_error_line(refused, 1)
+    again = run(*args, "--json", "--overwrite")
     assert again.exit_code == 0, again.output
     # Same seed, same data: the model retrains identically and every shard is reused.
     assert json.loads(again.stdout)["metadata"]["pairs_through_gradient_passes"] == 0
@@ -191,8 +196,9 @@ def test_experiment_reads_yaml_and_typed_flags_win(tmp_path, tiny_bert):
     data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=16)
     config = tmp_path / "settings.yaml"
     config.write_text(yaml.safe_dump({
-        "methods": ["loss", "random"], "fractions": [0.25], "seeds": [0], "helpful": False,
-        "relabel": False, "model": {"backbone": str(tiny_bert), "max_length": 48},
+        "fractions": [0.25], "seeds": [0], "helpful": False, "relabel": False,
+        "influence": {"scores": ["loss", "random"]},
+        "model": {"backbone": str(tiny_bert), "max_length": 48},
         "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01}}))
     out = tmp_path / "exp"
     result = run("experiment", data, "--config", config, "--output", out, "--epochs", "1",
@@ -202,7 +208,7 @@ def test_experiment_reads_yaml_and_typed_flags_win(tmp_path, tiny_bert):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 1  # typed
     assert saved["train"]["learning_rate"] == 0.01  # from the file, not the flag default
-    assert saved["methods"] == ["loss", "random"] and saved["data"] == str(data)
+    assert saved["influence"]["scores"] == ["loss", "random"] and saved["data"] == str(data)
     again = run("experiment", "--config", out / "config.yaml", "--output", out, "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["summary"]["baseline"]["seeds"] == [0]
@@ -211,14 +217,15 @@ def test_experiment_reads_yaml_and_typed_flags_win(tmp_path, tiny_bert):
 
 
 def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
-    from prefprune import cli, pipeline
+    from prefprune import pipeline
+    from prefprune.cli import commands
     from prefprune.experiment import demo_config
-    from prefprune.reward_model import RewardModelConfig
+    from prefprune.model import RewardModelConfig
     from prefprune.training import TrainConfig
 
     data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=16)
     monkeypatch.setattr(pipeline, "default_dataset_path", lambda: data)
-    monkeypatch.setattr(cli, "demo_config", lambda seed: demo_config(
+    monkeypatch.setattr(commands, "demo_config", lambda seed: demo_config(
         seed, RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
         TrainConfig(epochs=1, batch_size=8, learning_rate=0.01)))
     result = run("demo", "--output", tmp_path / "demo", "--quiet")

@@ -22,7 +22,7 @@ from prefprune.influence.curvature import (
     gauss_newton_weights,
 )
 from prefprune.influence.gradients import MarginGradientComputer
-from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.model import RewardModel, RewardModelConfig
 
 WORDS = [
     "apple", "river", "stone", "cloud", "quick", "slow", "bright", "dark", "happy", "sad",

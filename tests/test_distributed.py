@@ -23,8 +23,8 @@ import torch
 from test_scores import make_model, pairs
 
 from prefprune import distributed
-from prefprune.influence.scores import ALL_SCORES, InfluenceConfig, compute_scores
-from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.influence import ALL_SCORES, InfluenceConfig, compute_scores
+from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, evaluate, train_reward_model
 
 WORLD = 2
@@ -32,8 +32,8 @@ N_TRAIN = 16  # shards of 5: ranks get 10 and 6 pairs
 # CG to 1e-7, below the 1e-5 agreement asked of the processes: a solve stopped at 1e-5 differs
 # from another by about that much for any perturbation of its products, distributed or not.
 SCORE_CONFIGS = {
-    "cached": {"batch_size": 3, "shard_size": 5, "tol": 1e-7},
-    "streaming": {"scores": ("if", "flip", "grad_dot", "grad_cos", "loss"), "batch_size": 3,
+    "cached": {"score_batch_size": 3, "shard_size": 5, "tol": 1e-7},
+    "streaming": {"scores": ("if", "flip", "grad_dot", "grad_cos", "loss"), "score_batch_size": 3,
                   "shard_size": 5, "memory_budget_mb": 0.0, "tol": 1e-7},
     "direct": {"solver": "direct", "shard_size": 5, "damping": 3e-2},
 }

@@ -11,19 +11,21 @@ import pytest
 from scipy import stats
 
 from prefprune.data import generate_synthetic
+from prefprune.errors import ExperimentError
 from prefprune.experiment import (
+    Arm,
     Experiment,
     ExperimentConfig,
-    ExperimentError,
+    RunRecord,
     arms_of,
     headline,
     mean_interval,
     summarise,
     t_quantile_975,
 )
-from prefprune.influence.scores import InfluenceConfig
+from prefprune.influence import InfluenceConfig
+from prefprune.model import RewardModelConfig
 from prefprune.report import roc_curve, write_report
-from prefprune.reward_model import RewardModelConfig
 from prefprune.training import TrainConfig
 
 
@@ -43,8 +45,8 @@ def test_mean_interval_matches_scipy():
 
 
 def run(seed, method, acc, fraction=0.1, direction="harmful", action="remove"):
-    return {"seed": seed, "method": method, "fraction": fraction if method else 0.0,
-            "direction": direction, "action": action, "test_accuracy": acc, "test_loss": 1 - acc}
+    arm = Arm(seed, method, fraction if method else 0.0, direction, action)
+    return RunRecord(arm, 100, 10, None, acc, 1 - acc, 0.5, 1.0)
 
 
 def test_summary_pairs_differences_by_seed():
@@ -63,7 +65,8 @@ def test_summary_pairs_differences_by_seed():
 
 
 def test_arms_cover_the_grid():
-    config = ExperimentConfig(methods=("if", "random"), fractions=(0.1, 0.2))
+    config = ExperimentConfig(influence=InfluenceConfig(scores=("if", "random")),
+                              fractions=(0.1, 0.2))
     arms = arms_of(config, seed=7)
     assert len(arms) == 2 * 2 * 3
     assert {a.group for a in arms} == {"remove harmful", "remove helpful", "relabel harmful"}
@@ -81,11 +84,15 @@ def test_config_round_trips_through_yaml(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("methods: [if, nope]\n", "unknown methods"),
-    ("fractions: [1.5]\n", "fractions must be in"),
-    ("colour: red\n", "unknown experiment settings: colour"),
-    ("train: {epochz: 3}\n", "unknown TrainConfig settings: epochz"),
+    ("influence: {scores: [if, nope]}\n", "influence.scores: unknown scores"),
+    ("fractions: [1.5]\n", "fractions: must be <= 0.99"),
+    ("colour: red\n", "unknown setting.s. colour"),
+    ("train: {epochz: 3}\n", "train: unknown setting.s. epochz"),
     ("- a\n- b\n", "expected a mapping"),
+    ("seeds: abc\n", "seeds: must be a list of integers, got 'abc'"),
+    ("train: {epochs: one}\n", "train.epochs: must be an integer, got 'one'"),
+    ("train: {epochs: -3}\n", "train.epochs: must be >= 1, got -3"),
+    ("influence: {solver: magic}\n", "influence.solver: must be one of cg, lissa, direct"),
 ])
 def test_bad_config_files_name_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -105,12 +112,12 @@ def tiny_experiment(tiny_bert, tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     data = generate_synthetic(root / "pairs.jsonl", n_posts=30, seed=2)
     config = ExperimentConfig(
-        data=str(data), methods=("if", "loss", "random"), fractions=(0.25,), seeds=(0, 1),
+        data=str(data), fractions=(0.25,), seeds=(0, 1),
         inject_flips=0.2,
         model=RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
         train=TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2),
-        influence=InfluenceConfig(solver="direct"))
-    fitted: list[dict] = []
+        influence=InfluenceConfig(scores=("if", "loss", "random"), solver="direct"))
+    fitted: list[RunRecord] = []
     result = Experiment(config, root / "out", progress=False, on_run=fitted.append).run()
     return config, root / "out", result, fitted
 
@@ -121,14 +128,14 @@ def test_experiment_runs_every_arm_and_records_it(tiny_experiment):
     assert len(fitted) == len(result.runs) == 2 * (1 + 3 * 3)
     removed = round(0.25 * n_train)
     for record in result.runs:
-        if record["method"] is None:
-            assert record["train_pairs"] == n_train
-        elif record["action"] == "remove":
-            assert record["train_pairs"] == n_train - removed
-            assert record["pairs_affected"] == removed
+        if record.arm.method is None:
+            assert record.train_pairs == n_train
+        elif record.arm.action == "remove":
+            assert record.train_pairs == n_train - removed
+            assert record.pairs_affected == removed
         else:
-            assert record["train_pairs"] == n_train
-        assert 0.0 <= record["test_accuracy"] <= 1.0
+            assert record.train_pairs == n_train
+        assert 0.0 <= record.test_accuracy <= 1.0
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result.summary))
     assert ExperimentConfig.from_yaml(out / "config.yaml") == config
@@ -141,9 +148,9 @@ def test_experiment_runs_every_arm_and_records_it(tiny_experiment):
 def test_rerun_resumes_without_training(tiny_experiment):
     config, out, result, _ = tiny_experiment
     (out / "runs" / "seed1-loss-harmful-relabel-0.25.json").unlink()
-    fitted: list[dict] = []
+    fitted: list[RunRecord] = []
     again = Experiment(config, out, progress=False, on_run=fitted.append).run()
-    assert [r["key"] for r in fitted] == ["seed1-loss-harmful-relabel-0.25"]
+    assert [r.arm.key for r in fitted] == ["seed1-loss-harmful-relabel-0.25"]
     assert again.summary["baseline"] == result.summary["baseline"]
 
 

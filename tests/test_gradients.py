@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefprune.influence.gradients import GradientError, MarginGradientComputer
-from prefprune.reward_model import PairBatch, RewardModel, RewardModelConfig
+from prefprune.errors import GradientError
+from prefprune.influence.gradients import MarginGradientComputer
+from prefprune.model import PairBatch, RewardModel, RewardModelConfig
 
 MAX_LENGTH = 24
 LONG_PROMPT = " ".join(f"context{i} word" for i in range(40))

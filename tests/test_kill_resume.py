@@ -23,8 +23,7 @@ import pytest
 import torch
 from test_scores import make_model, pairs
 
-from prefprune.influence import store
-from prefprune.influence.scores import InfluenceConfig, compute_scores
+from prefprune.influence import InfluenceConfig, compute_scores, store
 
 N_TRAIN, SHARD, FINISHED = 20, 4, 2
 CASES = {  # which shards the kill interrupts, and the memory budget that makes them
@@ -35,7 +34,7 @@ CASES = {  # which shards the kill interrupts, and the memory budget that makes 
 
 
 def config(case: str) -> InfluenceConfig:
-    return InfluenceConfig(shard_size=SHARD, batch_size=4, **CASES[case][1])
+    return InfluenceConfig(shard_size=SHARD, score_batch_size=4, **CASES[case][1])
 
 
 def data():
@@ -50,7 +49,7 @@ def child(backbone: str, work_dir: str, case: str) -> None:
 
     def save_then_hang(tensors, path: str) -> None:
         real_save(tensors, path)
-        if Path(path).name.startswith(prefix):
+        if Path(path).name.lstrip(".").startswith(prefix):
             saved.append(path)
             if len(saved) > FINISHED:  # the temporary file exists, the rename has not happened
                 threading.Event().wait()
@@ -66,7 +65,7 @@ def kill_part_way(backbone: Path, work_dir: Path, case: str) -> None:
                                env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120  # a guard against a hung child, not a measurement
-    while not list(work_dir.glob(f"*/{prefix}*.tmp-*")):
+    while not list(work_dir.glob(f"*/.{prefix}*.tmp-*")):
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the child never reached the interrupted save"
         time.sleep(0.05)
@@ -82,7 +81,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_bert, tmp_path, cas
     kill_part_way(tiny_bert, tmp_path, case)
     finished = sorted(p.name for p in tmp_path.glob(f"*/{prefix}*.safetensors"))
     assert len(finished) == FINISHED
-    assert len(list(tmp_path.glob(f"*/{prefix}*.tmp-*"))) == 1  # the save the kill cut short
+    assert len(list(tmp_path.glob(f"*/.{prefix}*.tmp-*"))) == 1  # the save the kill cut short
 
     model = make_model(tiny_bert)
     resumed = compute_scores(model, *data(), config(case), work_dir=tmp_path, progress=False)

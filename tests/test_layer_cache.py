@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefprune.errors import ConfigError, ModelError
+from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.influence.gradients import MarginGradientComputer
-from prefprune.influence.scores import InfluenceConfig, compute_scores
-from prefprune.layer_cache import FrozenLayerCache, layer_stack
-from prefprune.reward_model import ModelError, RewardModel, RewardModelConfig
+from prefprune.model import RewardModel, RewardModelConfig
+from prefprune.model.layer_cache import FrozenLayerCache, layer_stack
 from prefprune.training import TrainConfig, train_reward_model
 
 PROMPTS = ["hi", "what is the capital of france", " ".join(f"context{i}" for i in range(40))]
@@ -125,10 +126,11 @@ def test_cache_needs_frozen_lower_layers(tiny_bert):
         make_model(tiny_bert).use_layer_cache(FrozenLayerCache())
 
 
-@pytest.mark.parametrize("layers", [0, 3])
-def test_lora_layers_out_of_range(tiny_bert, layers):
+def test_lora_layers_out_of_range(tiny_bert):
     with pytest.raises(ModelError, match="between 1 and 2"):
-        make_model(tiny_bert, lora_layers=layers)
+        make_model(tiny_bert, lora_layers=3)
+    with pytest.raises(ConfigError, match="lora_layers: must be >= 1"):
+        make_model(tiny_bert, lora_layers=0)
 
 
 def test_saved_top_layer_model_reloads_with_its_layers(tiny_bert, tmp_path):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from prefprune.influence.scores import InfluenceConfig, compute_scores
-from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.influence import InfluenceConfig, compute_scores
+from prefprune.model import RewardModel, RewardModelConfig
 
 DAMPING = 1e-3  # about 0.4 × the mean eigenvalue of the data term's Hessian here
 LORA_SCALE = 1.0
@@ -151,7 +151,7 @@ class Experiment:
     def _scores(self, solver: str):
         config = InfluenceConfig(scores=("if", "loss"), curvature="hessian", solver=solver,
                                  damping=DAMPING, damping_relative=False, tol=1e-7,
-                                 batch_size=64)
+                                 score_batch_size=64)
         return compute_scores(self.model, self.train, self.validation, config, progress=False)
 
 

@@ -9,13 +9,13 @@ import pytest
 
 from prefprune import pipeline
 from prefprune.data import DataError, fingerprint, generate_synthetic
+from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
     evaluate_saved,
     prepare_data,
     recorded_seed,
     train_and_evaluate,
 )
-from prefprune.reward_model import METADATA_FILE, RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig
 
 SMALL = TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2, seed=3)

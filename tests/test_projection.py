@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 from scipy.stats import spearmanr
 from test_scores import make_model, pairs
 
+from prefprune.errors import InfluenceError
+from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.influence.projection import RandomProjection
-from prefprune.influence.scores import InfluenceConfig, InfluenceError, compute_scores
 
 
 def test_projection_is_seeded_and_needs_no_stored_matrix():
@@ -80,7 +81,7 @@ def test_projection_rejects_what_it_cannot_do(setup):
     model, train, validation = setup
     with pytest.raises(InfluenceError, match="Gauss–Newton"):
         InfluenceConfig(projection_dim=8, curvature="hessian")
-    with pytest.raises(InfluenceError, match="projection_dim must be"):
+    with pytest.raises(InfluenceError, match="projection_dim: must be >= 1"):
         InfluenceConfig(projection_dim=0)
     with pytest.raises(InfluenceError, match="lower projection_dim"):
         compute_scores(model, train, validation,

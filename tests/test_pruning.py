@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prefprune.data import DataError, load_preferences
+from prefprune.data import load_preferences
 from prefprune.data.writer import rewrite_source
+from prefprune.errors import DataError, SelectionError
 from prefprune.pruning import (
-    SelectionError,
     inject_flips,
     prune_source,
     relabel_pairs,
@@ -55,7 +55,8 @@ def test_selection_size(total, fraction, size):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"by": "nope"}, "no column 'nope'; scores: if"),
+    ({"by": "nope"}, "no column 'nope'; rank by one of its scores: if"),
+    ({"by": "rank_if"}, "no score column 'rank_if'"),
     ({"fraction": 1.0}, "between 0 and 1"),
     ({"direction": "sideways"}, "direction must be one of harmful, helpful"),
 ])

@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefprune.reward_model import (
-    METADATA_FILE,
-    ModelError,
-    RewardModel,
-    RewardModelConfig,
-)
+from prefprune.errors import ModelError
+from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig
 
 EXPECTED_TARGETS = {"bert": {"query", "value"}, "gpt2": {"c_attn"}, "llama": {"q_proj", "v_proj"}}
 PROMPTS = ["what is the capital of france", "name a colour please"]

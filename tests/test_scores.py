@@ -21,19 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from prefprune.influence.curvature import CachedGaussNewton, gauss_newton_weights
-from prefprune.influence.scores import (
-    ALL_SCORES,
-    DEFAULT_DAMPING,
-    InfluenceConfig,
-    InfluenceError,
-    ScoreResult,
-    _dual_quadratic,
-    _dual_solve,
-    compute_scores,
-)
-from prefprune.influence.solvers import NegativeCurvatureError
-from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.errors import InfluenceError, NegativeCurvatureError
+from prefprune.influence import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
+from prefprune.influence.config import DEFAULT_DAMPING
+from prefprune.influence.curvature import CachedGaussNewton
+from prefprune.influence.dual import dual_quadratic, dual_solve
+from prefprune.model import RewardModel, RewardModelConfig, gauss_newton_weights
 
 WORDS = [
     "apple", "river", "stone", "cloud", "quick", "slow", "bright", "dark", "happy", "sad",
@@ -188,7 +181,7 @@ def run(model, data, progress: bool = False, **config) -> ScoreResult:
 
 @pytest.fixture(scope="module")
 def default_run(model, data) -> ScoreResult:
-    return run(model, data, batch_size=5)
+    return run(model, data, score_batch_size=5)
 
 
 # --- table and sidecar ----------------------------------------------------------------------
@@ -263,11 +256,11 @@ def test_dual_solve_and_quadratic_equal_dense_solves(truth):
     damping = truth.relative_damping(1e-2)
     operator = CachedGaussNewton(truth.margins.float(), truth.jacobian.float())
     dense = truth.ggn + damping * torch.eye(truth.dim, dtype=torch.float64)
-    result = _dual_solve(operator, truth.g_val.float(), damping)
+    result = dual_solve(operator, truth.g_val.float(), damping)
     close(result.solution, torch.linalg.solve(dense, truth.g_val), 1e-5)
     # the recorded residual is measured with a float32 product: ~‖G‖‖x‖·eps, not 0
     assert result.residuals[0] < 1e-4
-    quad = _dual_quadratic(gauss_newton_weights(truth.margins.float()), truth.jacobian.float(),
+    quad = dual_quadratic(gauss_newton_weights(truth.margins.float()), truth.jacobian.float(),
                            damping)
     expected = (truth.jacobian * torch.linalg.solve(dense, truth.jacobian.T).T).sum(dim=1)
     close(quad, expected, 1e-5)
@@ -283,8 +276,8 @@ def test_gradient_similarity_from_loop_gradients(model, data, truth):
 
 def test_cached_and_streaming_agree(model, data, truth, default_run):
     scores = ("if", "flip", "grad_dot", "grad_cos", "loss", "random")
-    cached = run(model, data, scores=scores, batch_size=5, memory_budget_mb=1e6, tol=1e-7)
-    streamed = run(model, data, scores=scores, batch_size=5, memory_budget_mb=0, tol=1e-7)
+    cached = run(model, data, scores=scores, score_batch_size=5, memory_budget_mb=1e6, tol=1e-7)
+    streamed = run(model, data, scores=scores, score_batch_size=5, memory_budget_mb=0, tol=1e-7)
     assert cached.metadata["gradient_cache"]["fits"]
     assert not streamed.metadata["gradient_cache"]["fits"]
     assert streamed.metadata["damping"] == pytest.approx(cached.metadata["damping"], rel=1e-6)
@@ -367,7 +360,8 @@ def test_negative_curvature_can_raise(model, data, truth):
 def test_resume_recomputes_only_missing_shards(model, data, tmp_path, budget):
     train, validation = data
     scores = ("if", "flip", "grad_dot", "loss") if budget == 0 else ALL_SCORES
-    config = InfluenceConfig(scores=scores, shard_size=5, batch_size=3, memory_budget_mb=budget)
+    config = InfluenceConfig(scores=scores, shard_size=5, score_batch_size=3,
+                             memory_budget_mb=budget)
     first = compute_scores(model, train, validation, config, work_dir=tmp_path, progress=False)
     passes = 1 if budget else 2  # streaming adds a scoring pass
     assert first.metadata["pairs_through_gradient_passes"] == passes * N_TRAIN
@@ -396,12 +390,14 @@ def test_save_round_trips(default_run, tmp_path):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"scores": ("if", "shapley")}, "unknown scores"),
     ({"scores": ()}, "unknown scores"),
-    ({"curvature": "fisher"}, "curvature must be one of"),
-    ({"solver": "gmres"}, "solver must be one of"),
-    ({"negative_curvature": "ignore"}, "negative_curvature must be one of"),
-    ({"damping": -1.0}, "damping must be >= 0"),
-    ({"batch_size": 0}, "sizes >= 1"),
-    ({"shard_size": 0}, "sizes >= 1"),
+    ({"curvature": "fisher"}, "curvature: must be one of"),
+    ({"solver": "gmres"}, "solver: must be one of"),
+    ({"negative_curvature": "ignore"}, "negative_curvature: must be one of"),
+    ({"damping": -1.0}, "damping: must be >= 0"),
+    ({"score_batch_size": 0}, "score_batch_size: must be >= 1"),
+    ({"shard_size": 0}, "shard_size: must be >= 1"),
+    ({"tol": 0.0}, "tol: must be > 0"),
+    ({"max_iter": "many"}, "max_iter: must be an integer"),
 ])
 def test_bad_config_raises(kwargs, message):
     with pytest.raises(InfluenceError, match=message):

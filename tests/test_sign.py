@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 
 from prefprune.data import generate_synthetic, load_preferences, split_preferences
-from prefprune.influence.scores import InfluenceConfig, compute_scores
-from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.influence import InfluenceConfig, compute_scores
+from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, train_reward_model
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefprune.reward_model import RewardModel, RewardModelConfig
+from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, evaluate, train_reward_model
 
 FAST = TrainConfig(epochs=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0)

@@ -479,7 +479,7 @@ def main() -> None:
         "n_parameters": model.num_trainable, "adapter_max_abs_margin_error":
         check_adapters(model, train_ds, train)}
 
-    base = dict(scores=("if",), batch_size=args.batch_size)
+    base = dict(scores=("if",), score_batch_size=args.batch_size)
     reference, t_ref = timed(lambda: compute_scores(
         model, train, val, InfluenceConfig(solver="direct", **base), progress=False))
     cg, t_cg = timed(lambda: compute_scores(model, train, val, InfluenceConfig(**base),

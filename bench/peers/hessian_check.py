@@ -39,10 +39,10 @@ def main() -> None:
     model = RewardModel.load(args.model)
     model.config = dataclasses.replace(model.config, max_length=args.max_length)
     ref = compute_scores(model, train, val, InfluenceConfig(scores=("if",), solver="direct",
-                                                            batch_size=16), progress=False)
+                                                            score_batch_size=16), progress=False)
     hess = compute_scores(model, train, val, InfluenceConfig(
         scores=("if",), curvature="hessian", negative_curvature="stop", max_iter=args.max_iter,
-        batch_size=16), progress=False)
+        score_batch_size=16), progress=False)
     solve = hess.metadata["solves"]["validation"]
     print(json.dumps({
         "damping": hess.metadata["damping"], "message": solve["message"],

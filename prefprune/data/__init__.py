@@ -4,14 +4,17 @@ Public names are re-exported here; see each module for the reasons behind the ru
 """
 
 from prefprune.data.loader import LoadResult, load_preferences
+from prefprune.data.options import FORMATS, DataOptions
 from prefprune.data.report import IngestionReport, SkippedRow
 from prefprune.data.splits import fingerprint, split_preferences
 from prefprune.data.synthetic import GENERATOR_VERSION, default_dataset_path, generate_synthetic
 from prefprune.errors import DataError
 
 __all__ = [
+    "FORMATS",
     "GENERATOR_VERSION",
     "DataError",
+    "DataOptions",
     "IngestionReport",
     "LoadResult",
     "SkippedRow",

@@ -20,10 +20,10 @@ from prefprune.data.formats import (
     Pair,
     detect_format,
 )
+from prefprune.data.options import FORMATS
 from prefprune.data.report import IngestionReport, RowIssue, SkippedRow
 from prefprune.errors import DataError
 
-FORMATS = ("auto", *CONVERTERS)
 _CANONICAL_TYPES = {
     "id": pa.string(),
     "prompt": pa.string(),

@@ -21,9 +21,10 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from prefprune.files import write_text_atomic
 
 #: Bump when the output for a given seed changes; part of the cache key.
 GENERATOR_VERSION = 1
@@ -219,7 +220,7 @@ def generate_synthetic(
                             _pick_worker(rng, pools, random_worker_share, length_biased_share))
             record = _comparison(rng, post, split, worker, kind, beta, len(lines))
             lines.append(json.dumps(record, ensure_ascii=False))
-    return _write_atomic(Path(path), "\n".join(lines) + "\n")
+    return write_text_atomic(Path(path), "\n".join(lines) + "\n")
 
 
 def _comparison(rng: random.Random, post: _Post, split: str, worker: str, kind: str,
@@ -242,23 +243,6 @@ def _comparison(rng: random.Random, post: _Post, split: str, worker: str, kind: 
                   "label_flipped": choice != true_choice, "worker_kind": kind,
                   "quality": quality},
     }
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file in the same directory and ``os.replace``.
-
-    Concurrent writers (e.g. several torchrun ranks) never see a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def cache_dir() -> Path:

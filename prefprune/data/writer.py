@@ -16,7 +16,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from prefprune.data.containers import Container, RawRow, read_bytes
 from prefprune.data.formats import CONVERTERS, RowIssue
 from prefprune.data.loader import open_source
 from prefprune.errors import DataError
+from prefprune.files import replacing_folder, write_atomic, write_bytes_atomic
 
 
 @dataclass
@@ -117,9 +117,7 @@ class _Relabeller:
 def _atomic_bytes(path: Path, data: bytes) -> None:
     if path.name.lower().endswith(".gz"):
         data = gzip.compress(data, mtime=0)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def _write_json_lines(container: Container, output: Path, actions: dict[int, tuple[str, str]],
@@ -190,9 +188,8 @@ def _write_parquet(container: Container, output: Path, actions: dict[int, tuple[
 
     schema = pq.read_schema(container.label)
     records = [row.record for row in _kept_records(container, actions, flip)]
-    tmp = output.with_name(f".{output.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
-    os.replace(tmp, output)
+    write_atomic(output, lambda tmp: pq.write_table(pa.Table.from_pylist(records, schema=schema),
+                                                   tmp))
     return len(records)
 
 
@@ -205,12 +202,8 @@ def _write_dataset(container: Container, output: Path, actions: dict[int, tuple[
         splits.setdefault(row.split, []).append(row.record)
     built = {name: datasets.Dataset.from_list(records) for name, records in splits.items()}
     dataset = built[None] if list(built) == [None] else datasets.DatasetDict(built)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    with replacing_folder(output) as tmp:
+        dataset.save_to_disk(str(tmp))
     return len(kept)
 
 

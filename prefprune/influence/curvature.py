@@ -1,12 +1,12 @@
 """Curvature–vector products of the training objective L(θ) = (1/n) Σ ℓ(z_i) at the trained θ.
 
-Two curvatures (SPEC §1):
+Two curvatures (docs/method.md, section 1):
 
 * **Gauss–Newton** ``G = (1/n) Σ σ(m_i)σ(−m_i) ∇m_i ∇m_iᵀ``: positive semi-definite, so CG
   always converges once damped. From cached margin gradients ``J`` (n × P) a product is two
   matrix–vector products; without the cache each product streams one gradient pass.
 * **Exact Hessian** by double backward: ``Hv = ∇(∇L · v)``. It adds ``−σ(−m) ∇²m`` and may be
-  indefinite. Needs eager attention on CPU (SPEC §6), which :class:`RewardModelConfig` defaults to.
+  indefinite. Needs eager attention on CPU, which :class:`RewardModelConfig` defaults to.
 
 Both can use a seeded subsample of the training pairs; every operator reports ``trace/dim``
 so relative damping has a scale. In a data-parallel run (``sharded=True``) each process holds
@@ -16,20 +16,11 @@ group, so all processes see the same product and run the solver in lockstep.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .. import distributed
-from ..reward_model import PairBatch, RewardModel, bradley_terry_loss
-from .gradients import MarginGradientComputer, flatten
-
-MatVec = Callable[[torch.Tensor], torch.Tensor]
-
-
-def gauss_newton_weights(margins: torch.Tensor) -> torch.Tensor:
-    """``σ(m)σ(−m)``: the BT loss's second derivative in the margin."""
-    return torch.sigmoid(margins) * torch.sigmoid(-margins)
+from prefprune import distributed
+from prefprune.influence.gradients import MarginGradientComputer, flatten
+from prefprune.model import PairBatch, RewardModel, bradley_terry_loss, gauss_newton_weights
 
 
 class CachedGaussNewton:

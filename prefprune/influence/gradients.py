@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import GradientError
-from ..reward_model import PairBatch, RewardModel, bradley_terry_loss
+from prefprune.errors import GradientError
+from prefprune.model import PairBatch, RewardModel, bradley_terry_loss, loss_slope
 
 
 @dataclass
@@ -34,7 +34,7 @@ class PairGradients:
     @property
     def loss_weights(self) -> torch.Tensor:
         """``−σ(−m)``: the factor turning ``∇m`` into ``∇ℓ``."""
-        return -torch.sigmoid(-self.margins)
+        return loss_slope(self.margins)
 
     def loss_grads(self) -> torch.Tensor:
         """Per-pair loss gradients ``∇ℓ_i`` (B, P)."""

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from ..reward_model import PairBatch
-from .gradients import MarginGradientComputer, PairGradients
+from prefprune.influence.gradients import MarginGradientComputer, PairGradients
+from prefprune.model import PairBatch
 
 _BLOCK_COLUMNS = 8192
 

@@ -5,18 +5,23 @@ safetensors file written through a temporary name and a rename. A rerun with the
 (model, data and config fingerprints) reuses what exists; a different key starts afresh in a
 sub-directory of its own, so stale results are never mixed in. Temporary names carry the process
 id: in a data-parallel run several processes write into one directory, and a process killed
-mid-write leaves only a ``*.tmp-<pid>`` file that no load ever reads.
+mid-write leaves only a temporary file that no load ever reads. A piece that cannot be read
+back (a truncated file, a disk error) is reported, removed and computed again.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from prefprune.errors import PrefpruneWarning
+from prefprune.files import write_atomic, write_json_atomic
 
 
 class ShardStore:
@@ -30,25 +35,38 @@ class ShardStore:
     def _path(self, name: str, suffix: str) -> Path:
         return self.directory / f"{name}{suffix}"
 
-    @staticmethod
-    def _tmp(path: Path) -> Path:
-        return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
     def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = self._path(name, ".safetensors")
-        tmp = self._tmp(path)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        write_atomic(self._path(name, ".safetensors"),
+                     lambda tmp: save_file(contiguous, str(tmp)))
 
     def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The saved piece, or None when it is missing or damaged (then it is recomputed)."""
         path = self._path(name, ".safetensors")
-        return load_file(str(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            _discard(path, exc)
+            return None
 
     def save_json(self, name: str, data: Any) -> None:
-        path = self._path(name, ".json")
-        tmp = self._tmp(path)
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
+        write_json_atomic(self._path(name, ".json"), data)
 
     def load_json(self, name: str) -> Any:
-        return json.loads(self._path(name, ".json").read_text())
+        """The saved record, or None when it is missing or damaged."""
+        path = self._path(name, ".json")
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            _discard(path, exc)
+            return None
+
+
+def _discard(path: Path, exc: Exception) -> None:
+    warnings.warn(f"{path} is damaged ({exc}); removing it and computing that piece again",
+                  PrefpruneWarning, stacklevel=3)
+    path.unlink(missing_ok=True)

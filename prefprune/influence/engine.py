@@ -1,20 +1,12 @@
-"""Score every training pair against one or more validation targets (SPEC §2).
+"""The scoring engine: score every training pair against one or more validation targets.
 
-Every score is a **harm**: larger = more harmful, rank 1 = the most harmful pair.
-
-* ``if``: ``−Δ_i = −(1/n) g_valᵀ (H+λI)⁻¹ g_i``, the predicted drop of validation loss when
-  pair i is removed.
-* ``flip``: ``−Δ_i^flip = (1/n) g_valᵀ (H+λI)⁻¹ ∇m_i``, the drop when its label is flipped.
-* ``grad_dot`` / ``grad_cos``: ``−g_valᵀ g_i`` and ``−cos(g_val, g_i)``; no curvature.
-* ``self_influence``: ``g_iᵀ (G+λI)⁻¹ g_i`` with the Gauss–Newton curvature G, solved exactly in
-  the n-dimensional dual (needs the gradient cache).
-* ``loss``: ``ℓ(z_i)``; ``random``: a seeded uniform control.
-
-The engine shares gradient passes between scores. Pass 1 over the training pairs yields, per
-shard, margins, ``‖∇m‖²`` and ``g_valᵀ∇m``; the margin gradients themselves are kept only when
-they fit the memory budget. Then ``s = (H+λI)⁻¹ g_val`` is solved once per target, and the
-influence scores need ``sᵀ∇m_i``: a product with the cache, or a second streaming pass. Each
-shard and the solve are saved in ``work_dir`` as they finish, so a rerun after a crash resumes.
+The score formulas are in :mod:`prefprune.influence.formulas`; this module runs the passes
+that feed them, shares them between scores, and makes them resumable. Pass 1 over the
+training pairs yields, per shard, margins, ``‖∇m‖²`` and ``g_valᵀ∇m``; the margin gradients
+themselves are kept only when they fit the memory budget. Then ``s = (H+λI)⁻¹ g_val`` is
+solved once per target, and the influence scores need ``sᵀ∇m_i``: a product with the cache, or
+a second streaming pass. Each shard and the solve are saved in ``work_dir`` as they finish, so
+a rerun after a crash resumes.
 
 Under ``torchrun`` (see :mod:`prefprune.distributed`) each process takes a contiguous block of
 shards and of the validation pairs. Validation gradients and curvature products are summed with
@@ -29,96 +21,60 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from .. import distributed
-from ..data import fingerprint
-from ..errors import InfluenceError
-from ..progress import progress_bar
-from ..reward_model import RewardModel, save_json_atomic
-from ..training import iter_pair_batches
-from . import solvers
-from .curvature import CachedGaussNewton, StreamingCurvature, gauss_newton_weights
-from .gradients import MarginGradientComputer
-from .projection import ProjectedGradients, RandomProjection
-from .store import ShardStore
+from prefprune import distributed
+from prefprune.data import fingerprint
+from prefprune.errors import ConvergenceWarning, InfluenceError
+from prefprune.files import write_atomic, write_json_atomic
+from prefprune.influence import formulas, solvers
+from prefprune.influence.config import MAX_DUAL_PAIRS, InfluenceConfig
+from prefprune.influence.curvature import CachedGaussNewton, StreamingCurvature
+from prefprune.influence.dual import dual_solve
+from prefprune.influence.gradients import MarginGradientComputer
+from prefprune.influence.projection import ProjectedGradients, RandomProjection
+from prefprune.influence.store import ShardStore
+from prefprune.model import RewardModel, encoded_batches, gauss_newton_weights
+from prefprune.progress import progress_bar
 
-ALL_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
-DEFAULT_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
-_CURVATURE_SCORES = {"if", "flip"}
-_TARGET_SCORES = {"if", "flip", "grad_dot", "grad_cos"}
-_MAX_DIRECT_PARAMS = 6000
-_MAX_DUAL_PAIRS = 20000
-DEFAULT_DAMPING = 0.1
+#: The exact Hessian is formed densely for a direct solve only up to this many parameters.
+MAX_DIRECT_PARAMS = 6000
 
 
-@dataclass(frozen=True)
-class InfluenceConfig:
-    """How to score. Defaults: every score, Gauss–Newton curvature, CG,
-    λ = 0.1 × trace(G)/min(pairs, P).
-
-    ``damping_relative`` makes ``damping`` a multiple of the mean non-zero Gauss–Newton
-    eigenvalue ``trace(G)/min(pairs, P)`` (G's rank is at most that), computed exactly from the
-    gradient pass at no extra cost. 0.1 is Kronfluence's default factor too.
-    ``memory_budget_mb`` bounds the per-pair gradient cache (per process in a distributed run);
-    past it the engine streams and holds nothing of size pairs × parameters.
-    ``projection_dim`` projects every per-pair gradient to that many dimensions with a seeded
-    Rademacher matrix (Johnson–Lindenstrauss), so the stored gradient index costs
-    pairs × projection_dim × 4 bytes; scores become approximations (docs/scaling.md).
-    ``curvature_samples`` subsamples (seeded) the pairs that define H.
-    ``negative_curvature`` decides what CG does on the exact Hessian when pᵀ(H+λI)p ≤ 0:
-    ``"gauss_newton"`` re-solves with the Gauss–Newton curvature (recorded in the sidecar),
-    ``"raise"`` stops with an error, ``"stop"`` keeps CG's last iterate.
-    """
-
-    scores: tuple[str, ...] = DEFAULT_SCORES
-    curvature: str = "gauss_newton"
-    solver: str = "cg"
-    damping: float = DEFAULT_DAMPING
-    damping_relative: bool = True
-    tol: float = 1e-5
-    max_iter: int = 200
-    lissa_depth: int = 2000
-    lissa_scale: float | None = None
-    negative_curvature: str = "gauss_newton"
-    curvature_samples: int | None = None
-    batch_size: int = 32
-    shard_size: int = 256
-    memory_budget_mb: float = 2048.0
-    seed: int = 0
-    gradient_mode: str = "hooks"
-    projection_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        unknown = set(self.scores) - set(ALL_SCORES)
-        if unknown or not self.scores:
-            raise InfluenceError(f"unknown scores {sorted(unknown)}; choose from {ALL_SCORES}")
-        _choice("curvature", self.curvature, ("gauss_newton", "hessian"))
-        _choice("solver", self.solver, ("cg", "lissa", "direct"))
-        _choice("negative_curvature", self.negative_curvature, ("gauss_newton", "raise", "stop"))
-        _choice("gradient_mode", self.gradient_mode, ("hooks", "loop"))
-        if self.damping < 0 or self.batch_size < 1 or self.shard_size < 1:
-            raise InfluenceError("damping must be >= 0 and batch/shard sizes >= 1")
-        if self.projection_dim is not None and self.projection_dim < 1:
-            raise InfluenceError("projection_dim must be >= 1 (or None: no projection)")
-        if self.projection_dim is not None and self.curvature != "gauss_newton":
-            raise InfluenceError("projected gradients support Gauss–Newton curvature only: "
-                                 "the exact Hessian has no per-pair form to project")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "scores": list(self.scores)}
+#: Marks a score table (Parquet schema metadata) and its sidecar as prefprune's own.
+SCORES_KIND = "prefprune-scores"
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InfluenceError(f"{name} must be one of {allowed}, not {value!r}")
+def sidecar_of(path: Path) -> Path:
+    """The JSON sidecar beside a score table: ``scores.parquet`` -> ``scores.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def is_score_table(path: Path) -> bool:
+    """Whether ``path`` is a score table prefprune wrote (its Parquet metadata says so)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return metadata.get(b"prefprune") == SCORES_KIND.encode()
+
+
+def is_score_sidecar(path: Path) -> bool:
+    """Whether ``path`` is a score sidecar prefprune wrote."""
+    try:
+        return json.loads(Path(path).read_text()).get("kind") == SCORES_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass
@@ -129,14 +85,15 @@ class ScoreResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``path`` (Parquet) and ``path.with_suffix('.json')`` atomically."""
+        """Write ``path`` (Parquet, marked as prefprune's) and its ``.json`` sidecar, each
+        atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        self.table.to_parquet(tmp, index=False)
-        tmp.replace(path)
-        sidecar = path.with_suffix(".json")
-        save_json_atomic(sidecar, self.metadata)
+        table = pa.Table.from_pandas(self.table, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               b"prefprune": SCORES_KIND.encode()})
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+        sidecar = sidecar_of(path)
+        write_json_atomic(sidecar, self.metadata)
         return path, sidecar
 
 
@@ -146,7 +103,7 @@ def _digest(*parts: Any) -> str:
 
 def model_fingerprint(model: RewardModel) -> str:
     """sha256 over θ's values and the model config: the scores' identity of the model."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(model.config.identity(), sort_keys=True).encode())
     for name, param in model.trainable_parameters():
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().numpy().tobytes())
@@ -203,6 +160,7 @@ class _Engine:
         self.rows = range(self.my_shards[0][1].start, self.my_shards[-1][1].stop) \
             if self.my_shards else range(0)
         self.cache = self._cache_fits()
+        self._check_feasible()
         self.local: dict[str, torch.Tensor] = {}  # this process's margins and gradient cache
 
     def _gradient_computer(self) -> MarginGradientComputer | ProjectedGradients:
@@ -234,6 +192,26 @@ class _Engine:
                 "memory_budget_mb; lower projection_dim or raise the budget")
         return fits
 
+    def _check_feasible(self) -> None:
+        """Refuse, before any gradient pass, a request the engine already knows it cannot
+        finish (every check here would otherwise fail only after the expensive passes)."""
+        cfg = self.config
+        if "self_influence" in cfg.scores:
+            if not self.cache:
+                raise InfluenceError(
+                    "self_influence needs the per-pair gradient cache "
+                    f"({self.meta['gradient_cache']['bytes'] / 2**20:.0f} MB); raise "
+                    "memory_budget_mb or drop self_influence from the scores")
+            if self.n > MAX_DUAL_PAIRS:
+                raise InfluenceError(f"self_influence is limited to {MAX_DUAL_PAIRS} pairs "
+                                     f"(this set has {self.n}); drop it from the scores")
+        dense = cfg.solver == "direct" and (cfg.curvature == "hessian" or not self.cache)
+        if cfg.needs_solve() and dense and self.dim > MAX_DIRECT_PARAMS:
+            raise InfluenceError(
+                f"a direct solve without the gradient cache needs a dense {self.dim}² matrix; "
+                f"it is allowed up to {MAX_DIRECT_PARAMS} parameters. Use solver='cg', or the "
+                "Gauss–Newton curvature with the gradient cache (solved exactly in the dual)")
+
     def _run_key(self) -> str:
         """Identity of the pass-1 shards: the model, the data and the shard layout."""
         self.meta["model_fingerprint"] = model_fingerprint(self.model)
@@ -252,6 +230,9 @@ class _Engine:
                                   cfg.tol, cfg.max_iter, cfg.lissa_depth, cfg.lissa_scale,
                                   cfg.negative_curvature, cfg.curvature_samples, cfg.seed)
 
+    def _batches(self, records: Any) -> Any:
+        return encoded_batches(self.model.encoder, records, self.config.score_batch_size)
+
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         out = fn()
@@ -264,8 +245,7 @@ class _Engine:
         g_val = self._timed("validation_gradients", self._validation_gradients)
         stats = self._timed("gradient_pass", lambda: self._gradient_pass(g_val))
         columns: dict[str, np.ndarray] = {}
-        needs_solve = bool(_CURVATURE_SCORES & set(self.config.scores))
-        if needs_solve:
+        if self.config.needs_solve():
             solutions = self._timed("solve", lambda: self._solve(g_val, stats))
             projections = self._timed("scoring_pass",
                                       lambda: self._project(solutions, stats))
@@ -275,9 +255,9 @@ class _Engine:
             columns["self_influence"] = self._timed("self_influence",
                                                     lambda: self._self_influence(stats))
         if "loss" in self.config.scores:
-            columns["loss"] = torch.nn.functional.softplus(-stats["margins"]).numpy()
+            columns["loss"] = formulas.loss_column(stats["margins"])
         if "random" in self.config.scores:
-            columns["random"] = np.random.default_rng(self.config.seed).random(self.n)
+            columns["random"] = formulas.random_column(self.n, self.config.seed)
         return ScoreResult(self._table(columns, stats), self._metadata())
 
     def _validation_gradients(self) -> torch.Tensor:
@@ -293,10 +273,10 @@ class _Engine:
         rows, losses = [], {}
         for name, data in self.targets.items():
             total = torch.zeros(self.dim + 1, dtype=torch.float64)  # gradient sum, loss sum
-            mine = data.select(distributed.my_share(len(data), self.config.batch_size))
+            mine = data.select(distributed.my_share(len(data), self.config.score_batch_size))
             with progress_bar(f"validation gradients ({name})", len(mine),
                               self.progress) as advance:
-                for idx, batch in iter_pair_batches(self.model, mine, self.config.batch_size):
+                for idx, batch in self._batches(mine):
                     pairs = self.grads(batch.to(self.model.device))
                     total[:-1] += pairs.loss_grads().sum(dim=0).cpu().double()
                     total[-1] += float(pairs.losses.sum())
@@ -356,7 +336,7 @@ class _Engine:
     def _gradient_shard(self, shard: range, g_val: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = self.train.select(shard)
         margins, norms, dots, cached = [], [], [], []
-        for _, batch in iter_pair_batches(self.model, rows, self.config.batch_size):
+        for _, batch in self._batches(rows):
             pairs = self.grads(batch.to(self.model.device))
             j = pairs.margin_grads.cpu()
             margins.append(pairs.margins.cpu())
@@ -387,8 +367,12 @@ class _Engine:
         weights = gauss_newton_weights(stats["margins"].double())
         trace = float((weights * stats["norms2"]).sum() / self.n)
         scale = trace / min(len(self._curvature_rows()), self.dim)
-        damping = solvers.resolve_damping(self.config.damping,
-                                          relative=self.config.damping_relative, scale=scale)
+        try:
+            damping = solvers.resolve_damping(self.config.damping,
+                                              relative=self.config.damping_relative,
+                                              scale=scale)
+        except ValueError as exc:
+            raise InfluenceError(str(exc)) from exc
         self.meta["curvature_scale"] = scale
         self.meta["damping"] = damping
         return damping
@@ -419,10 +403,10 @@ class _Engine:
                 index = torch.tensor(rows, dtype=torch.long) - self.rows.start
                 margins, grads = margins[index], grads[index]
             return CachedGaussNewton(margins, grads, sharded=self.sharded)
-        share = distributed.my_share(len(rows), self.config.batch_size)
+        share = distributed.my_share(len(rows), self.config.score_batch_size)
         rows = rows[share.start:share.stop]
         data = self.train.select(rows)
-        batches = [b for _, b in iter_pair_batches(self.model, data, self.config.batch_size)]
+        batches = [b for _, b in self._batches(data)]
         return StreamingCurvature(self.model, batches, kind, sharded=self.sharded)
 
     def _solve(self, g_val: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -430,8 +414,10 @@ class _Engine:
         damping = self._damping(stats)
         key = self._solve_key()
         saved = self._load_shared(key)
-        if saved is not None:
-            self.meta["solves"] = self.store.load_json(key)
+        records = self.store.load_json(key) if saved is not None else None
+        if distributed.all_agree(records is not None):
+            self.meta["solves"] = records
+            self._warn_unconverged()
             return saved["solutions"]
         records, solutions = {}, []
         for name, rhs in zip(self.targets, g_val):
@@ -439,11 +425,22 @@ class _Engine:
             solutions.append(result.solution)
             records[name] = {**_result_record(result), "curvature": curvature}
         self.meta["solves"] = records
+        self._warn_unconverged()
         out = torch.stack(solutions)
         self._save_shared(key, {"solutions": out})
         if self.store and distributed.is_main_process():
             self.store.save_json(key, records)
         return out
+
+    def _warn_unconverged(self) -> None:
+        """Scores from an unconverged solve are recorded, and the user is told (once)."""
+        if not distributed.is_main_process():
+            return
+        for target, solve in self.meta["solves"].items():
+            if not solve["converged"]:
+                warnings.warn(f"the inverse-HVP solve for target {target!r} did not converge: "
+                              f"{solve['message']}; its if/flip scores are approximate",
+                              ConvergenceWarning, stacklevel=2)
 
     def _solve_one(self, rhs: torch.Tensor, damping: float, stats: dict[str, torch.Tensor],
                    name: str) -> tuple[solvers.SolverResult, str]:
@@ -481,12 +478,7 @@ class _Engine:
 
     def _direct(self, operator: Any, rhs: torch.Tensor, damping: float) -> solvers.SolverResult:
         if isinstance(operator, CachedGaussNewton):
-            return _dual_solve(operator, rhs, damping)
-        if self.dim > _MAX_DIRECT_PARAMS:
-            raise InfluenceError(
-                f"direct solve of the exact Hessian needs a dense {self.dim}² matrix; it is "
-                f"allowed up to {_MAX_DIRECT_PARAMS} parameters. Use solver='cg', or the "
-                "Gauss–Newton curvature with the gradient cache (solved exactly in the dual)")
+            return dual_solve(operator, rhs, damping)
         matrix = solvers.dense_matrix(operator, self.dim, dtype=torch.float32)
         return solvers.solve_direct(matrix, rhs, damping=damping)
 
@@ -514,50 +506,25 @@ class _Engine:
     def _project_shard(self, shard: range, solutions: torch.Tensor) -> torch.Tensor:
         rows = self.train.select(shard)
         out = [self.grads(batch.to(self.model.device)).margin_grads.cpu() @ solutions.T
-               for _, batch in iter_pair_batches(self.model, rows, self.config.batch_size)]
+               for _, batch in self._batches(rows)]
         self._count_work(len(shard))
         return torch.cat(out)
 
     def _influence_columns(self, projections: torch.Tensor,
                            stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        weights = -torch.sigmoid(-stats["margins"])  # ∇ℓ = weights · ∇m
-        columns = {}
-        for t, name in enumerate(self.targets):
-            proj = projections[:, t].double()
-            if "if" in self.config.scores:
-                columns[self._column("if", name)] = (-(weights * proj) / self.n).numpy()
-            if "flip" in self.config.scores:
-                columns[self._column("flip", name)] = (proj / self.n).numpy()
-        return columns
+        return formulas.influence_columns(projections, stats["margins"], list(self.targets),
+                                          self.config.scores, self._column)
 
     def _similarity_columns(self, g_val: torch.Tensor,
                             stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        weights = -torch.sigmoid(-stats["margins"]).double()
-        grad_norms = weights.abs() * stats["norms2"].sqrt()
-        columns = {}
-        for t, name in enumerate(self.targets):
-            dot = weights * stats["dots"][:, t].double()  # g_valᵀ g_i
-            if "grad_dot" in self.config.scores:
-                columns[self._column("grad_dot", name)] = (-dot).numpy()
-            if "grad_cos" in self.config.scores:
-                denom = grad_norms * g_val[t].double().norm()
-                cos = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0.0)
-                columns[self._column("grad_cos", name)] = (-cos).numpy()
-        return columns
+        return formulas.similarity_columns(g_val, stats["margins"], stats["norms2"],
+                                           stats["dots"], list(self.targets),
+                                           self.config.scores, self._column)
 
     def _self_influence(self, stats: dict[str, torch.Tensor]) -> np.ndarray:
-        if not self.cache:
-            raise InfluenceError(
-                "self_influence needs the per-pair gradient cache "
-                f"({self.meta['gradient_cache']['bytes'] / 2**20:.0f} MB); raise "
-                "memory_budget_mb or drop self_influence from the scores")
-        if self.n > _MAX_DUAL_PAIRS:
-            raise InfluenceError(f"self_influence is limited to {_MAX_DUAL_PAIRS} pairs")
         damping = self.meta.get("damping") or self._damping(stats)
-        quad = _dual_quadratic(gauss_newton_weights(self.local["margins"]),
-                               self.local["margin_grads"], damping, sharded=self.sharded)
-        weights = torch.sigmoid(-stats["margins"]).double()
-        return (weights**2 * quad).numpy()
+        return formulas.self_influence(self.local["margins"], self.local["margin_grads"],
+                                       stats["margins"], damping, sharded=self.sharded)
 
     def _column(self, score: str, target: str) -> str:
         return score if len(self.targets) == 1 else f"{score}@{target}"
@@ -570,7 +537,7 @@ class _Engine:
         for name, values in columns.items():
             table[name] = values
         for name in columns:
-            table[f"rank_{name}"] = _ranks(table[name].to_numpy())
+            table[f"rank_{name}"] = formulas.ranks(table[name].to_numpy())
         table["margin"] = stats["margins"].double().numpy()
         text = {"id", "prompt", "chosen", "rejected"}
         for name in self.train.column_names:
@@ -590,17 +557,10 @@ class _Engine:
             "n_parameters": self.dim,
             "targets": {n: len(d) for n, d in self.targets.items()},
             "timings_seconds": self.timings,
+            "kind": SCORES_KIND,
             "sign_convention": "every score is a harm: larger = more harmful; rank 1 = most",
             **self.meta,
         }
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Rank 1 = largest harm; ties broken by position so ranks are a permutation."""
-    order = np.argsort(-values, kind="stable")
-    ranks = np.empty(len(values), dtype=np.int64)
-    ranks[order] = np.arange(1, len(values) + 1)
-    return ranks
 
 
 def _result_record(result: solvers.SolverResult) -> dict[str, Any]:
@@ -615,47 +575,3 @@ def _cat(parts: list[torch.Tensor], empty: tuple[int, ...],
          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Concatenate rows; a process with no shards (more processes than shards) has none."""
     return torch.cat(parts) if parts else torch.zeros(empty, dtype=dtype)
-
-
-def _dual_factor(weights: torch.Tensor, jacobian: torch.Tensor, damping: float, *,
-                 sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``a = √(w/n)``, the Gram matrix ``K = J Jᵀ`` and the Cholesky factor of ``λI + UUᵀ``
-    with ``U = diag(a) J`` (all n × n, over every process's rows when ``sharded``).
-
-    ``(UᵀU + λI)⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U) / λ`` (Woodbury): with n pairs < P parameters the
-    damped Gauss–Newton system is solved exactly at the cost of an n × n factorisation. Only
-    the Gram matrix crosses processes, never the rows themselves.
-    """
-    if damping <= 0:
-        raise InfluenceError("the dual Gauss–Newton solve needs damping > 0")
-    if sharded:
-        weights = distributed.gather_rows(weights)
-        sizes = distributed.gather_rows(torch.tensor([jacobian.shape[0]])).tolist()
-        gram = distributed.gram(jacobian, sizes)
-    else:
-        gram = jacobian.double() @ jacobian.double().T
-    a = (weights.double() / weights.shape[0]).sqrt()
-    system = a[:, None] * gram * a[None, :]
-    system.diagonal().add_(damping)
-    return a, gram, torch.linalg.cholesky(system)
-
-
-def _dual_solve(operator: CachedGaussNewton, rhs: torch.Tensor,
-                damping: float) -> solvers.SolverResult:
-    a, _, chol = _dual_factor(operator.weights, operator.jacobian, damping,
-                              sharded=operator.sharded)
-    b = rhs.double()
-    inner = torch.cholesky_solve((a * operator.rows_times(b))[:, None], chol)[:, 0]
-    x = (b - operator.transpose_times(a * inner)) / damping
-    residual = float((operator(x.float()).double() + damping * x - b).norm() / b.norm())
-    return solvers.SolverResult(x.to(rhs.dtype), 0, [residual], True, "direct", damping,
-                                message="exact Gauss–Newton solve in the n-dimensional dual")
-
-
-def _dual_quadratic(weights: torch.Tensor, jacobian: torch.Tensor, damping: float, *,
-                    sharded: bool = False) -> torch.Tensor:
-    """``∇m_iᵀ (G+λI)⁻¹ ∇m_i`` for every pair at once (all processes' pairs), via the dual."""
-    a, gram, chol = _dual_factor(weights, jacobian, damping, sharded=sharded)
-    cross = a[:, None] * gram  # (n, n): column i is U ∇m_i
-    z = torch.linalg.solve_triangular(chol, cross, upper=False)
-    return (gram.diagonal() - (z**2).sum(dim=0)) / damping

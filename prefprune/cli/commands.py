@@ -1,0 +1,398 @@
+"""The ``prefprune`` commands: parse options, call the library, print the result.
+
+Options come from the config dataclasses (:mod:`prefprune.cli.options`), so a flag is its
+field's name with the field's help and limits. Every user mistake ends as one red ``error:``
+line on stderr: exit code 2 for usage, 1 for data, model or file problems; prefprune's
+warnings print as one yellow ``warning:`` line.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
+
+from prefprune import distributed
+from prefprune.cli import render
+from prefprune.cli.options import OptionGroup, apply, with_options
+from prefprune.cli.render import fail, print_json, stdout
+from prefprune.data import DataOptions, load_preferences
+from prefprune.errors import PrefpruneError, PrefpruneWarning, SelectionError
+from prefprune.experiment import Experiment, ExperimentConfig, demo_config
+from prefprune.influence import InfluenceConfig
+from prefprune.model import PairEncoder, RewardModelConfig
+from prefprune.model.loading import default_backbone, load_tokenizer
+from prefprune.pipeline import (
+    data_summary,
+    evaluate_saved,
+    metrics_dict,
+    prepare_data,
+    recorded_seed,
+    score_pairs,
+    train_and_evaluate,
+)
+from prefprune.pruning import prune_source
+from prefprune.report import write_report
+from prefprune.training import TrainConfig
+
+#: Exceptions that mean "the input, a setting or a file is wrong", not "prefprune has a bug".
+USER_ERRORS = (PrefpruneError, OSError)
+
+
+class App(TyperGroup):
+    """The root command group; turns usage and user errors into one ``error:`` line and
+    prefprune's warnings into one ``warning:`` line.
+
+    Typer would draw a panel for a usage error and a traceback for a ``DataError``; a user
+    who passed a wrong path needs neither.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", PrefpruneWarning)
+            warnings.showwarning = render.show_warning
+            try:
+                code = super().main(args, prog_name, complete_var, False, **extra)
+            except typer.TyperException as exc:  # usage: bad flag, bad value, missing argument
+                _usage_error(exc)
+            except typer.Abort:
+                fail("aborted", 1)
+            except USER_ERRORS as exc:
+                fail(str(exc), 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: typer.TyperException) -> NoReturn:
+    """Click's message plus where to read the help, on one line. An empty message means the
+    help was already printed (a command group called without arguments): nothing to add."""
+    message = exc.format_message().replace("\n", " ").strip()
+    if not message:
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    fail(message + hint, exc.exit_code)
+
+
+app = typer.Typer(cls=App, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="Find, prune or relabel the preference pairs that hurt a reward model.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at preference data before training.")
+app.add_typer(data_app, name="data")
+
+
+# --- option groups and common flags --------------------------------------------------------------
+
+DATA = OptionGroup("data_options", DataOptions, "Data options")
+MODEL = OptionGroup("model_config", RewardModelConfig, "Model options")
+TOKENIZER = OptionGroup("model_config", RewardModelConfig, "Model options",
+                        only=frozenset({"backbone", "max_length", "trust_remote_code"}))
+TRAIN = OptionGroup("train_config", TrainConfig, "Training options")
+INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
+                        exclude=frozenset({"seed"}))
+_EXPERIMENT_DEFAULTS = ExperimentConfig()
+EXPERIMENT = OptionGroup("experiment_values", ExperimentConfig, "Experiment options",
+                         defaults=_EXPERIMENT_DEFAULTS)
+EXPERIMENT_TRAIN = OptionGroup("train_config", TrainConfig, "Training options",
+                               exclude=frozenset({"seed"}))
+EXPERIMENT_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
+                                   exclude=frozenset({"seed"}),
+                                   defaults=_EXPERIMENT_DEFAULTS.influence)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
+                                                       "of tables.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", help="Hide progress bars.")]
+OverwriteFlag = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an earlier prefprune output at --output (never anything "
+                        "prefprune did not write).")]
+DataArg = Annotated[str | None, typer.Argument(
+    help="Preference data: a file (.jsonl, .jsonl.gz, .json, .csv, .parquet), a saved dataset "
+         "directory or a hub dataset name. Omitted: the embedded synthetic set.")]
+TrustFlag = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow custom model code from the model's or backbone's "
+                                "repository to run (never enabled by a file).")]
+
+
+def _data(values: dict[str, Any]) -> DataOptions:
+    return DATA.build(values)  # type: ignore[return-value]
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@data_app.command("inspect")
+@with_options(DATA, TOKENIZER)
+def inspect_command(
+    path: Annotated[str, typer.Argument(help="File, saved dataset directory or hub name.")],
+    data_options: dict[str, Any],
+    model_config: dict[str, Any],
+    examples: Annotated[int, typer.Option(help="How many kept pairs to show.", min=0)] = 3,
+    json_output: JsonFlag = False,
+) -> None:
+    """Load a source and show what was kept, what was skipped and why, how many pairs lose
+    text at --max-length, and a few pairs."""
+    loaded = load_preferences(path, **_data(data_options).kwargs())
+    model = TOKENIZER.build(model_config)
+    source = model.backbone or default_backbone()
+    encoder = PairEncoder(load_tokenizer(source, model.trust_remote_code), model.max_length)
+    cut = encoder.truncation(loaded.dataset)
+    if json_output:
+        print_json({"report": loaded.report.to_dict(), "truncation": cut.to_dict(),
+                    "examples": loaded.dataset.select(range(min(examples, len(loaded.dataset))))
+                    .to_list()})
+        return
+    render.print_report(loaded.report)
+    stdout.print(f"truncation: {cut.describe()}")
+    if examples:
+        render.print_examples(loaded.dataset, examples)
+
+
+@app.command("train")
+@with_options(DATA, MODEL, TRAIN)
+def train_command(
+    output: Annotated[Path, typer.Option(help="New or empty folder to save the trained reward "
+                                              "model to.")],
+    data_options: dict[str, Any],
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    data: DataArg = None,
+    overwrite: OverwriteFlag = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Train a LoRA reward model on DATA's train split and evaluate it on the held-out splits."""
+    train = TRAIN.build(train_config)
+    prepared = prepare_data(data, seed=train.seed, **_data(data_options).kwargs())
+    outcome = train_and_evaluate(prepared, MODEL.build(model_config), train, output=output,
+                                 overwrite=overwrite, progress=not quiet)
+    if not distributed.is_main_process():
+        return
+    if json_output:
+        print_json({**render.outcome_dict(outcome), "output": str(output)})
+        return
+    render.print_outcome(outcome)
+    stdout.print(f"saved to {escape(str(output))}")
+
+
+@app.command("evaluate")
+@with_options(DATA)
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="A saved reward model directory (prefprune, a "
+                                               "PEFT adapter or a full checkpoint).")],
+    data_options: dict[str, Any],
+    data: DataArg = None,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    seed: Annotated[int | None, typer.Option(
+        help="Split seed for data without source splits. Default: the model's training seed, "
+             "so that its test pairs stay unseen.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    trust_remote_code: TrustFlag = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Evaluate a saved reward model on a split of DATA: accuracy, loss, margin statistics."""
+    apply(TrainConfig(), {"device": device})  # a bad device name is a usage error
+    split_seed = recorded_seed(model) if seed is None else seed
+    prepared = prepare_data(data, seed=split_seed, **_data(data_options).kwargs())
+    result = evaluate_saved(model, prepared, split, device=device, progress=not quiet,
+                            trust_remote_code=trust_remote_code)
+    if not distributed.is_main_process():
+        return
+    if json_output:
+        print_json({"data": data_summary(prepared), "split": split,
+                    "metrics": metrics_dict({split: result})})
+        return
+    stdout.print(render.metrics_table({split: result}))
+
+
+@app.command("score")
+@with_options(DATA, MODEL, TRAIN, INFLUENCE)
+def score_command(
+    output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
+                                              "with the run's metadata is written beside it.")],
+    data_options: dict[str, Any],
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    influence_config: dict[str, Any],
+    data: DataArg = None,
+    model: Annotated[Path | None, typer.Option(
+        help="A trained reward model directory. Omitted: train one first with the model and "
+             "training options.")] = None,
+    target_column: Annotated[str | None, typer.Option(
+        help="Also score against each value of this validation column (e.g. subreddit).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Where finished shards are kept for resuming. Default: <output>.work.")] = None,
+    top: Annotated[int, typer.Option(help="How many most harmful pairs to print.", min=0)] = 5,
+    overwrite: OverwriteFlag = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Score every training pair: how removing (or flipping) it would change validation loss.
+    The random score and any subsampling are seeded by --seed."""
+    train = TRAIN.build(train_config)
+    seed = recorded_seed(model) if model is not None else train.seed
+    influence = apply(INFLUENCE.build(influence_config), {"seed": seed})
+    prepared = prepare_data(data, seed=seed, **_data(data_options).kwargs())
+    model_settings = MODEL.build(model_config)
+    outcome = score_pairs(prepared, model, influence, model_config=model_settings,
+                          train_config=train, target_column=target_column, output=output,
+                          work_dir=work_dir, overwrite=overwrite, progress=not quiet,
+                          trust_remote_code=model_settings.trust_remote_code)
+    if not distributed.is_main_process():
+        return
+    meta = outcome.result.metadata
+    if json_output:
+        print_json({"output": str(output), "metadata": meta})
+        return
+    if outcome.trained is not None:
+        render.print_outcome(outcome.trained)
+    stdout.print(render.solves_table(meta))
+    stdout.print(render.top_table(outcome.result.table, top))
+    stdout.print(f"{meta['n_train']} pairs scored over {meta['n_parameters']:,} parameters in "
+                 f"{sum(meta['timings_seconds'].values()):.1f} s; saved "
+                 f"{escape(str(output))} and its .json sidecar")
+
+
+@app.command("prune")
+@with_options(DATA)
+def prune_command(
+    scores: Annotated[Path, typer.Argument(help="Score table written by 'prefprune score'.")],
+    data: Annotated[str, typer.Argument(help="The preference data the scores were computed on "
+                                             "(file, saved dataset directory or hub name).")],
+    output: Annotated[Path, typer.Option(help="New or empty folder for the pruned data (same "
+                                              "name and format as DATA), removed.jsonl and "
+                                              "prune.json.")],
+    data_options: dict[str, Any],
+    by: Annotated[str, typer.Option(help="Score column to rank by (e.g. if, grad_cos, loss, "
+                                         "flip, or if@subreddit=tifu).")] = "if",
+    fraction: Annotated[float, typer.Option(help="Share of the scored pairs to act on.",
+                                            min=0.0, max=1.0)] = 0.1,
+    direction: Annotated[str, typer.Option(help="harmful (largest harm first) or helpful "
+                                                "(smallest first).")] = "harmful",
+    relabel: Annotated[bool, typer.Option("--relabel", help="Flip the selected pairs' labels "
+                                                            "instead of removing them.")] = False,
+    top: Annotated[int, typer.Option(help="How many affected pairs to print.", min=0)] = 5,
+    overwrite: OverwriteFlag = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Remove (or relabel) the top pairs by a score; write DATA back in its own format."""
+    try:
+        result = prune_source(scores, data, output, by=by, fraction=fraction,
+                              direction=direction, relabel=relabel, overwrite=overwrite,
+                              data_options=_data(data_options).kwargs())
+    except SelectionError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    summary = result.summary
+    if json_output:
+        print_json({**summary, "removed_file": str(result.removed_file)})
+        return
+    verb = "relabelled" if relabel else "removed"
+    stdout.print(f"{verb} {len(result.selection.ids)} of {summary['scored_pairs']} scored pairs "
+                 f"({fraction:.0%} most {direction} by {escape(by)}); rows {result.rewrite.rows_in}"
+                 f" -> {result.rewrite.rows_out}")
+    stdout.print(f"wrote {escape(str(result.rewrite.output))}, "
+                 f"{escape(str(result.removed_file))} and {escape(str(result.summary_file))}")
+    affected = Table("rank", "id", by, title=f"first {min(top, len(result.selection.ids))} "
+                                            f"{verb} pairs")
+    for rank, (pid, value) in enumerate(result.selected_scores()[:top], start=1):
+        affected.add_row(str(rank), escape(pid), f"{value:.4g}")
+    stdout.print(affected)
+
+
+def experiment_config(config: Path | None, data: str | None, values: dict[str, dict[str, Any]]
+                      ) -> ExperimentConfig:
+    """The YAML file (when given, else the defaults) with the typed flags on top."""
+    base = ExperimentConfig.from_yaml(config) if config is not None else _EXPERIMENT_DEFAULTS
+    typed = EXPERIMENT.typed(values["experiment_values"])
+    if data is not None:
+        typed["data"] = data
+    typed["data_options"] = apply(base.data_options, DATA.typed(values["data_options"]))
+    typed["model"] = apply(base.model, MODEL.typed(values["model_config"]))
+    typed["train"] = apply(base.train, EXPERIMENT_TRAIN.typed(values["train_config"]))
+    typed["influence"] = apply(base.influence,
+                               EXPERIMENT_INFLUENCE.typed(values["influence_config"]))
+    return apply(base, typed)  # type: ignore[return-value]
+
+
+@app.command("experiment")
+@with_options(DATA, MODEL, EXPERIMENT_TRAIN, EXPERIMENT_INFLUENCE, EXPERIMENT)
+def experiment_command(
+    output: Annotated[Path, typer.Option(help="Folder for config.yaml, models, scores, runs, "
+                                              "results.json and the report; rerun to resume.")],
+    data_options: dict[str, Any],
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    influence_config: dict[str, Any],
+    experiment_values: dict[str, Any],
+    data: DataArg = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
+        exists=True, dir_okay=False)] = None,
+    overwrite: OverwriteFlag = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Train, score, prune the top-f pairs per method, retrain and compare, over several
+    seeds; write results.json, report.md and report.html."""
+    settings = experiment_config(config, data, {
+        "data_options": data_options, "model_config": model_config,
+        "train_config": train_config, "influence_config": influence_config,
+        "experiment_values": experiment_values})
+    result = Experiment(settings, output, progress=not quiet, overwrite=overwrite,
+                        on_run=None if quiet or json_output else _print_run).run()
+    paths = write_report(result, output)
+    if json_output:
+        print_json({"results": str(output / "results.json"),
+                    **{k: str(v) for k, v in paths.items()}, "summary": result.summary})
+        return
+    render.print_headline(result)
+    stdout.print(f"wrote {escape(str(output / 'results.json'))}, "
+                 f"{escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
+
+
+def _print_run(record: Any) -> None:
+    stdout.print(f"  {record.arm.key}: test accuracy {record.test_accuracy:.4f} "
+                 f"({record.train_pairs} pairs, {record.seconds:.0f} s)")
+
+
+@app.command("demo")
+def demo_command(
+    output: Annotated[Path | None, typer.Option(
+        help="Keep the experiment (models, scores, results.json, report) in this new folder.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the training and the random control.")] = 0,
+    overwrite: OverwriteFlag = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """A small pruning experiment on the embedded synthetic set: train, score, remove the top
+    10% by IF, gradient cosine, loss and random, retrain, and print the headline table."""
+    with tempfile.TemporaryDirectory(prefix="prefprune-demo-") as scratch:
+        where = output or Path(scratch) / "demo"
+        result = Experiment(demo_config(seed), where, progress=not quiet,
+                            overwrite=overwrite).run()
+        paths = write_report(result, where) if output is not None else {}
+    if json_output:
+        print_json({"summary": result.summary, "data": result.data,
+                    "seconds": result.seconds, **{k: str(v) for k, v in paths.items()}})
+        return
+    stdout.print(f"{escape(result.data['source'])}: read {result.data['read']} = kept "
+                 f"{result.data['kept']} + skipped {result.data['skipped']}; "
+                 + " / ".join(f"{k} {v}" for k, v in result.data["sizes"].items()))
+    render.print_headline(result)
+    if paths:
+        stdout.print(f"wrote {escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

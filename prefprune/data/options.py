@@ -1,0 +1,47 @@
+"""How to read a source: layout, column mapping, strictness and hub coordinates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from prefprune.config import Settings, setting
+from prefprune.data.formats import CONVERTERS, MAPPABLE
+from prefprune.errors import ConfigError
+
+#: Layouts a source can be read as; ``auto`` detects it from the first record.
+FORMATS = ("auto", *CONVERTERS)
+
+@dataclass(frozen=True)
+class DataOptions(Settings):
+    """The reading options of :func:`~prefprune.data.load_preferences`, as one value that
+    commands, experiments and the writer share."""
+
+    section: ClassVar[str] = "data_options"
+
+    format: str = setting("auto", choices=FORMATS,
+                          help="Input layout; auto detects it from the first record.")
+    columns: dict[str, str] = setting(
+        default_factory=dict, metavar="CANONICAL=COLUMN",
+        help="Map a canonical column (id, prompt, chosen, rejected) to yours as "
+             "CANONICAL=COLUMN, e.g. --column prompt=question. Repeatable.")
+    strict: bool = setting(
+        False, help="Stop at the first bad row instead of skipping and reporting it.")
+    hub_config: str | None = setting(None, help="Configuration of a hub dataset (e.g. "
+                                                "comparisons).")
+    hub_split: str | None = setting(None, help="Only this split of a hub or saved dataset.")
+    data_dir: str | None = setting(None, help="data_dir argument of a hub dataset.")
+
+    def validate(self) -> None:
+        for canonical, column in self.columns.items():
+            if canonical not in MAPPABLE:
+                raise ConfigError("columns", f"'{canonical}' is not a canonical column; "
+                                             f"mappable ones are {', '.join(MAPPABLE)}")
+            if not isinstance(column, str) or not column:
+                raise ConfigError("columns", f"'{canonical}' must map to a column name")
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_preferences`` / ``prepare_data``."""
+        return {"format": self.format, "columns": dict(self.columns), "strict": self.strict,
+                "hub_config": self.hub_config, "hub_split": self.hub_split,
+                "data_dir": self.data_dir}

@@ -1,0 +1,39 @@
+"""The pruning experiment: configuration, the resumable runner, typed run records, and the
+statistics over seeds that decide whether pruning helped."""
+
+from prefprune.experiment.config import (
+    DEFAULT_METHODS,
+    DEMO_METHODS,
+    ExperimentConfig,
+    demo_config,
+)
+from prefprune.experiment.records import Arm, RunRecord
+from prefprune.experiment.runner import (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    Experiment,
+    ExperimentResult,
+    arms_of,
+    detect,
+    headline,
+)
+from prefprune.experiment.stats import mean_interval, summarise, t_quantile_975
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_METHODS",
+    "DEMO_METHODS",
+    "RESULTS_FILE",
+    "Arm",
+    "Experiment",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "RunRecord",
+    "arms_of",
+    "demo_config",
+    "detect",
+    "headline",
+    "mean_interval",
+    "summarise",
+    "t_quantile_975",
+]

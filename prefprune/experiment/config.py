@@ -1,0 +1,113 @@
+"""Every setting of a pruning experiment, as one validated, YAML-round-tripping object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import yaml
+
+from prefprune.config import Settings, setting
+from prefprune.data.options import DataOptions
+from prefprune.errors import ConfigError, ExperimentConfigError
+from prefprune.influence.config import InfluenceConfig
+from prefprune.model.config import RewardModelConfig
+from prefprune.training import TrainConfig
+
+#: Scores an experiment ranks pairs by unless told otherwise (docs/method.md, section 4).
+DEFAULT_METHODS = ("if", "grad_dot", "grad_cos", "flip", "loss", "random")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(Settings):
+    """Every setting of an experiment. ``data=None`` is the embedded synthetic set.
+
+    The methods an experiment compares are ``influence.scores``: each score ranks the pairs,
+    and its top fraction is removed (or relabelled) and the model retrained. ``inject_flips``
+    swaps a seeded share of the training labels (seeded per replicate) and keeps the truth,
+    for detection metrics.
+    """
+
+    error: ClassVar[type[ConfigError]] = ExperimentConfigError
+
+    data: str | None = setting(None, cli=False, help="The preference data (default: the "
+                                                     "embedded synthetic set).")
+    data_options: DataOptions = setting(default_factory=DataOptions, cli=False,
+                                        help="How to read the data.")
+    split_fractions: tuple[float, float, float] = setting(
+        (0.6, 0.15, 0.25), min=0.0, max=1.0, metavar="TRAIN,VAL,TEST",
+        help="Train/validation/test shares for data without source splits.")
+    split_seed: int = setting(0, help="Seed of the train/validation/test split of data "
+                                      "without source splits.")
+    fractions: tuple[float, ...] = setting(
+        (0.05, 0.1, 0.2), above=0.0, max=0.99, metavar="F,...",
+        help="Comma-separated shares to remove per method.")
+    seeds: tuple[int, ...] = setting((0, 1, 2), metavar="S,...",
+                                     help="Comma-separated replicate seeds.")
+    helpful: bool = setting(True, help="Also remove the most helpful pairs.")
+    relabel: bool = setting(True, help="Also flip the top harmful pairs' labels instead of "
+                                       "removing them.")
+    inject_flips: float = setting(
+        0.0, min=0.0, max=0.99, help="Swap this seeded share of the training labels first "
+                                     "(ground truth kept) and measure how well each score "
+                                     "finds them.")
+    model: RewardModelConfig = setting(default_factory=RewardModelConfig, cli=False,
+                                       help="The reward model.")
+    train: TrainConfig = setting(default_factory=TrainConfig, cli=False,
+                                 help="Training settings (the seed comes from seeds).")
+    influence: InfluenceConfig = setting(
+        default_factory=lambda: InfluenceConfig(scores=DEFAULT_METHODS), cli=False,
+        help="Scoring settings; influence.scores are the methods compared.")
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds", "must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"lists a seed twice: {list(self.seeds)}")
+        if not self.fractions:
+            raise ConfigError("fractions", "must list at least one fraction")
+        if abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The scores compared (``influence.scores``)."""
+        return self.influence.scores
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **fixed: object) -> ExperimentConfig:
+        """Read and validate a YAML file; every problem names the file and the setting."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ExperimentConfigError(str(path), f"not a readable YAML file: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ExperimentConfigError(str(path), "expected a mapping of settings")
+        try:
+            return cls.from_dict(data, **fixed)
+        except ConfigError as exc:
+            raise ExperimentConfigError(str(path), str(exc)) from exc
+
+
+#: Methods the demo compares: influence, gradient similarity and the two controls.
+DEMO_METHODS = ("if", "grad_cos", "loss", "random")
+
+
+def demo_config(seed: int = 0, model: RewardModelConfig | None = None,
+                train: TrainConfig | None = None) -> ExperimentConfig:
+    """The demo: the 10% arm for IF, gradient cosine, loss and random, one seed, on the
+    embedded synthetic set, sized for a few minutes on two CPU cores.
+
+    LoRA adapts the top layer only, so every retrain reads the frozen layers from the cache;
+    one epoch at a high rate with small batches (101 steps on the ~800 train pairs) already
+    reaches ~0.9 test accuracy against the true preference.
+    """
+    return ExperimentConfig(
+        fractions=(0.1,), seeds=(seed,), helpful=False, relabel=False,
+        model=model or RewardModelConfig(lora_layers=1),
+        train=train or TrainConfig(epochs=1, batch_size=8, learning_rate=5e-3),
+        influence=InfluenceConfig(scores=DEMO_METHODS))

@@ -1,0 +1,290 @@
+"""Run (or resume) a pruning experiment: train, score, remove or relabel the top-f pairs per
+method, retrain from the same initialisation, and measure test accuracy, over several seeds
+(docs/method.md, section 4).
+
+Everything an experiment does is fixed by one :class:`ExperimentConfig`, saved as
+``config.yaml`` next to the results, so ``prefprune experiment --config DIR/config.yaml``
+repeats a run. Each finished step is saved as it ends (base models, score tables, one JSON per
+retrain), so an interrupted experiment started again resumes where it stopped. The folder
+also records the fingerprints of the data it was started on: a rerun on changed data is
+refused, never answered with stale results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+
+from prefprune.data import fingerprint
+from prefprune.detection import detection_report
+from prefprune.errors import ExperimentError
+from prefprune.experiment.config import ExperimentConfig
+from prefprune.experiment.records import Arm, RunRecord
+from prefprune.experiment.stats import summarise
+from prefprune.files import (
+    check_folder,
+    claim_folder,
+    remove_entries,
+    write_json_atomic,
+    write_text_atomic,
+)
+from prefprune.influence.engine import compute_scores
+from prefprune.model import FrozenLayerCache, RewardModel
+from prefprune.pipeline import PreparedData, data_summary, prepare_data
+from prefprune.progress import progress_bar
+from prefprune.pruning import inject_flips, relabel_pairs, remove_pairs, select
+from prefprune.training import evaluate, train_reward_model
+
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.json"
+STATE_FILE = "state.json"
+#: What an experiment writes into its folder (and replaces with ``overwrite``).
+OWN_ENTRIES = (CONFIG_FILE, RESULTS_FILE, STATE_FILE, "models", "scores", "runs", "figures",
+               "report.md", "report.html")
+
+
+def arms_of(config: ExperimentConfig, seed: int) -> list[Arm]:
+    """Every pruned retrain of one replicate, in a fixed order."""
+    shapes = [("harmful", "remove")]
+    if config.helpful:
+        shapes.append(("helpful", "remove"))
+    if config.relabel:
+        shapes.append(("harmful", "relabel"))
+    return [Arm(seed, method, fraction, direction, action)
+            for direction, action in shapes
+            for fraction in config.fractions
+            for method in config.methods]
+
+
+@dataclass
+class ExperimentResult:
+    """Every run's record, the per-seed score tables and detection metrics, and the summary."""
+
+    config: ExperimentConfig
+    runs: list[RunRecord]
+    detection: dict[str, dict[str, dict[str, float]]]  # seed -> score -> metric
+    summary: dict[str, Any]
+    data: dict[str, Any]
+    scores: dict[int, pd.DataFrame] = field(repr=False, default_factory=dict)
+    train_texts: dict[int, datasets.Dataset] = field(repr=False, default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "data": self.data,
+                "runs": [r.to_dict() for r in self.runs], "detection": self.detection,
+                "summary": self.summary, "seconds": self.seconds}
+
+
+class Experiment:
+    """Runs (or resumes) one experiment in ``output``; see the module docstring.
+
+    ``overwrite`` starts afresh in a folder that holds an earlier prefprune experiment (its
+    own files are replaced, nothing else); without it a folder holding another experiment, or
+    the same one on other data, is refused.
+    """
+
+    def __init__(self, config: ExperimentConfig, output: str | Path, *,
+                 progress: bool = True, overwrite: bool = False,
+                 on_run: Callable[[RunRecord], None] | None = None) -> None:
+        self.config = config
+        self.output = Path(output)
+        self.progress = progress
+        self.overwrite = overwrite
+        self.on_run = on_run
+        self.cache = (FrozenLayerCache(config.model.layer_cache_mb)
+                      if config.model.uses_layer_cache() else None)
+
+    def run(self) -> ExperimentResult:
+        start = time.perf_counter()
+        check_folder(self.output, "experiment", resume=True, overwrite=self.overwrite,
+                     inputs=[self.config.data])
+        data = prepare_data(self.config.data, **self.config.data_options.kwargs(),
+                            fractions=self.config.split_fractions, seed=self.config.split_seed)
+        self._check_splits(data)
+        self._claim_output(data)
+        runs, detection, tables, texts = [], {}, {}, {}
+        arms = {seed: arms_of(self.config, seed) for seed in self.config.seeds}
+        total = sum(len(a) + 1 for a in arms.values())
+        with progress_bar("experiment runs", total, self.progress) as advance:
+            for seed in self.config.seeds:
+                train = self._training_pairs(data, seed)
+                base, model = self._base(seed, train, data)
+                runs.append(base)
+                advance(1)
+                table = self._scores(seed, model, train, data)
+                tables[seed], texts[seed] = table, train
+                if "label_flipped" in table:
+                    detection[str(seed)] = detect(table, self.config.methods)
+                for arm in arms[seed]:
+                    runs.append(self._retrain(arm, train, table, data))
+                    advance(1)
+        result = ExperimentResult(self.config, runs, detection, summarise(runs, detection),
+                                  data_summary(data), tables, texts,
+                                  time.perf_counter() - start)
+        write_json_atomic(self.output / RESULTS_FILE, result.to_dict())
+        return result
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _claim_output(self, data: PreparedData) -> None:
+        """Start the folder, or check that it holds this very experiment on this very data.
+
+        Called only after the config validated and the data loaded, so a bad setting or a
+        bad file never leaves a half-made experiment folder behind.
+        """
+        state = {"fingerprints": split_fingerprints(data)}
+        if self.overwrite:
+            remove_entries(self.output, OWN_ENTRIES)
+        claim_folder(self.output, "experiment", resume=True)
+        config_path, state_path = self.output / CONFIG_FILE, self.output / STATE_FILE
+        if config_path.exists():
+            saved = ExperimentConfig.from_yaml(config_path)
+            if saved.identity() != self.config.identity():
+                raise ExperimentError(
+                    f"{self.output} holds a different experiment (its {CONFIG_FILE} differs); "
+                    "use another --output, rerun with --config "
+                    f"{config_path} to resume it, or pass --overwrite to start afresh")
+            self._check_state(state_path, state)
+            return
+        write_text_atomic(config_path, self.config.to_yaml())
+        write_json_atomic(state_path, state)
+
+    def _check_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse to resume on other data: its saved models and runs would be stale."""
+        if not path.exists():
+            raise ExperimentError(f"{self.output} has no {STATE_FILE}, so its saved runs cannot "
+                                  "be matched to the data; pass --overwrite to start afresh")
+        saved = json.loads(path.read_text()).get("fingerprints", {})
+        now = state["fingerprints"]
+        changed = [f"{name} ({saved.get(name)} -> {value})" for name, value in now.items()
+                   if saved.get(name) != value]
+        if changed:
+            raise ExperimentError(
+                f"{self.output} was started on other data: the split fingerprints changed "
+                f"since ({'; '.join(changed)}). Its saved models and runs would be stale: use "
+                "another --output, or pass --overwrite to start afresh")
+
+    def _check_splits(self, data: PreparedData) -> None:
+        for name in ("train", "validation", "test"):
+            if len(data.splits[name]) == 0:
+                raise ExperimentError(f"the {name} split of {data.source} is empty")
+
+    def _training_pairs(self, data: PreparedData, seed: int) -> datasets.Dataset:
+        train = data.splits["train"]
+        if self.config.inject_flips > 0:
+            train = inject_flips(train, self.config.inject_flips, seed)
+        return train
+
+    def _run_path(self, arm: Arm) -> Path:
+        return self.output / "runs" / f"{arm.key}.json"
+
+    def _new_model(self, seed: int) -> RewardModel:
+        return RewardModel.create(self.config.model, seed=seed, cache=self.cache)
+
+    # --- the steps -----------------------------------------------------------------------
+
+    def _base(self, seed: int, train: datasets.Dataset,
+              data: PreparedData) -> tuple[RunRecord, RewardModel]:
+        """The unpruned model of one replicate: loaded when saved, else trained and saved."""
+        arm = Arm(seed)
+        model_dir = self.output / "models" / f"seed{seed}"
+        record_path = self._run_path(arm)
+        if model_dir.exists() and record_path.exists():
+            model = RewardModel.load(model_dir, layer_cache_mb=self.config.model.layer_cache_mb,
+                                     cache=self.cache,
+                                     trust_remote_code=self.config.model.trust_remote_code)
+            return self._load_record(record_path, train), model
+        model, record = self._fit(arm, train, data, pairs_affected=0, flipped_affected=None)
+        model.save(model_dir, overwrite=True, seed=seed)
+        write_json_atomic(record_path, record.to_dict())
+        self._announce(record)
+        return record, model
+
+    def _load_record(self, path: Path, train: datasets.Dataset | None = None) -> RunRecord:
+        record = RunRecord.from_dict(json.loads(path.read_text()))
+        if train is not None and record.train_fingerprint != fingerprint(train):
+            raise ExperimentError(f"{path} was trained on other pairs than this run's; pass "
+                                  "--overwrite to start the experiment afresh")
+        return record
+
+    def _scores(self, seed: int, model: RewardModel, train: datasets.Dataset,
+                data: PreparedData) -> pd.DataFrame:
+        path = self.output / "scores" / f"seed{seed}.parquet"
+        if path.exists():
+            return pd.read_parquet(path)
+        config = self.config.influence.replace(seed=seed)
+        result = compute_scores(model, train, data.splits["validation"], config,
+                                work_dir=path.with_name(path.name + ".work"),
+                                progress=self.progress)
+        result.save(path)
+        return result.table
+
+    def _retrain(self, arm: Arm, train: datasets.Dataset, table: pd.DataFrame,
+                 data: PreparedData) -> RunRecord:
+        path = self._run_path(arm)
+        if path.exists():
+            return self._load_record(path)
+        chosen = select(table, arm.method, arm.fraction, arm.direction).ids
+        changed = remove_pairs(train, chosen) if arm.action == "remove" \
+            else relabel_pairs(train, chosen)
+        flipped = None
+        if "label_flipped" in table:
+            picked = table.set_index("id").loc[list(chosen), "label_flipped"]
+            flipped = float(picked.astype(bool).mean())
+        _, record = self._fit(arm, changed, data, len(chosen), flipped)
+        write_json_atomic(path, record.to_dict())
+        self._announce(record)
+        return record
+
+    def _fit(self, arm: Arm, train: datasets.Dataset, data: PreparedData, pairs_affected: int,
+             flipped_affected: float | None) -> tuple[RewardModel, RunRecord]:
+        """Train from the replicate's initialisation on ``train``; measure on test."""
+        start = time.perf_counter()
+        model = self._new_model(arm.seed)
+        trained = train_reward_model(model, train, self.config.train.replace(seed=arm.seed),
+                                     progress=self.progress)
+        test = evaluate(model, data.splits["test"], progress=False)
+        record = RunRecord(arm, len(train), pairs_affected, flipped_affected, test.accuracy,
+                           test.loss, trained.epoch_losses[-1], time.perf_counter() - start,
+                           fingerprint(train))
+        return model, record
+
+    def _announce(self, record: RunRecord) -> None:
+        if self.on_run is not None:
+            self.on_run(record)
+
+
+def split_fingerprints(data: PreparedData) -> dict[str, str]:
+    """The fingerprint of every split: what a saved run's results depend on."""
+    return {name: fingerprint(split) for name, split in data.splits.items()}
+
+
+def detect(table: pd.DataFrame, methods: tuple[str, ...],
+           fraction: float = 0.1) -> dict[str, dict[str, float]]:
+    """Detection quality of each score against ``label_flipped`` (docs/method.md, section 4)."""
+    truth = table["label_flipped"].astype(bool).to_numpy()
+    return {m: detection_report(table[m].to_numpy(), truth, fraction)
+            for m in methods if m in table}
+
+
+def headline(result: ExperimentResult) -> list[dict[str, Any]]:
+    """Per method of the first fraction: test accuracy after removing the top pairs, its
+    difference from no pruning, and how well the score finds the flipped labels."""
+    fraction = result.config.fractions[0]
+    rows = [{"method": "no pruning", "fraction": 0.0,
+             "test_accuracy": result.summary["baseline"]["test_accuracy"]}]
+    for arm in result.summary["arms"]:
+        if arm["fraction"] == fraction and (arm["direction"], arm["action"]) == \
+                ("harmful", "remove"):
+            rows.append({"method": arm["method"], "fraction": fraction,
+                         "test_accuracy": arm["test_accuracy"],
+                         "vs_baseline": arm["vs_baseline"], "vs_random": arm.get("vs_random"),
+                         "detection": result.summary["detection"].get(arm["method"])})
+    return rows

