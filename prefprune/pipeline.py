@@ -30,13 +30,8 @@ from prefprune.data import (
 from prefprune.errors import DataError, StaleDataWarning
 from prefprune.files import check_folder, check_output_file, claim_folder
 from prefprune.influence.config import InfluenceConfig
-from prefprune.influence.engine import (
-    ScoreResult,
-    compute_scores,
-    is_score_sidecar,
-    is_score_table,
-    sidecar_of,
-)
+from prefprune.influence.engine import compute_scores
+from prefprune.influence.results import ScoreResult, is_score_sidecar, is_score_table, sidecar_of
 from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
 from prefprune.model.loading import read_json
 from prefprune.training import (

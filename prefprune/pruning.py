@@ -31,7 +31,7 @@ from prefprune.files import (
     write_text_atomic,
 )
 from prefprune.influence import ALL_SCORES
-from prefprune.influence.engine import sidecar_of
+from prefprune.influence.results import sidecar_of
 
 DIRECTIONS = ("harmful", "helpful")
 

@@ -7,27 +7,14 @@ from pathlib import Path
 
 import pytest
 import typer
+from helpers import FIXTURES, WIDE, assert_one_error_line, run_cli
 from typer.main import get_command
-from typer.testing import CliRunner
 
 from prefprune.cli import app
 from prefprune.cli.commands import DATA, TRAIN
 from prefprune.data import generate_synthetic
 
-FIXTURES = Path(__file__).parent / "fixtures"
-WIDE = {"COLUMNS": "200"}  # rich wraps and truncates at the default width of 80
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args], env=WIDE)
-
-
-def assert_one_error_line(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    return lines[0]
+run = run_cli
 
 
 def test_inspect_accounts_for_every_row():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import pairs, tiny_scoring_model
 from torch.func import functional_call
 
 from prefprune.influence import solvers
@@ -22,40 +23,15 @@ from prefprune.influence.curvature import (
     gauss_newton_weights,
 )
 from prefprune.influence.gradients import MarginGradientComputer
-from prefprune.model import RewardModel, RewardModelConfig
-
-WORDS = [
-    "apple", "river", "stone", "cloud", "quick", "slow", "bright", "dark", "happy", "sad",
-    "green", "blue", "window", "garden", "music", "paper", "ocean", "mountain", "silver",
-    "orange", "table", "number", "seven", "later",
-]
-
-
-def random_text(rng: torch.Generator, low: int, high: int) -> str:
-    length = int(torch.randint(low, high, (1,), generator=rng))
-    return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (length,), generator=rng))
-
-
-def random_pairs(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
-    rng = torch.Generator().manual_seed(seed)
-    prompts = [random_text(rng, 1, 12) for _ in range(n)]
-    chosen = [random_text(rng, 1, 8) for _ in range(n)]
-    rejected = [random_text(rng, 1, 8) for _ in range(n)]
-    return prompts, chosen, rejected
 
 
 class Setup:
     """A perturbed tiny model, its pairs in two uneven batches, and explicit G and H."""
 
     def __init__(self, backbone, n: int = 10) -> None:
-        self.model = RewardModel.create(RewardModelConfig(
-            backbone=str(backbone), max_length=32, lora_r=1, target_modules=("query",)))
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for _, param in self.model.trainable_parameters():
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-        self.model.model.eval()
-        prompts, chosen, rejected = random_pairs(n, seed=11)
+        self.model = tiny_scoring_model(backbone)
+        data = pairs(n, seed=11)
+        prompts, chosen, rejected = data["prompt"], data["chosen"], data["rejected"]
         self.n = n
         self.dim = self.model.num_trainable
         cut = 6

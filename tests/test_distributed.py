@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_scores import make_model, pairs
+from helpers import pairs, tiny_scoring_model
 
 from prefprune import distributed
 from prefprune.influence import ALL_SCORES, InfluenceConfig, compute_scores
@@ -57,7 +57,7 @@ def train_model(backbone: str) -> tuple[RewardModel, object]:
 def worker(backbone: str, still: str, out: Path) -> None:
     """One process of the launch: everything it computes goes to ``out/*-rank{r}``."""
     torch.set_num_threads(1)
-    model = make_model(backbone)
+    model = tiny_scoring_model(backbone)
     train, validation = score_data()
     for name, config in SCORE_CONFIGS.items():
         result = compute_scores(model, train, validation, InfluenceConfig(**config),
@@ -100,7 +100,7 @@ def launch(tiny_bert: Path, still_bert: Path, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="module")
 def model(tiny_bert):
-    return make_model(tiny_bert)
+    return tiny_scoring_model(tiny_bert)
 
 
 def relative_error(actual, expected) -> float:

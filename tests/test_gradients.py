@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import perturbed_model
 
 from prefprune.errors import GradientError
 from prefprune.influence.gradients import MarginGradientComputer
-from prefprune.model import PairBatch, RewardModel, RewardModelConfig
+from prefprune.model import PairBatch, RewardModel
 
 MAX_LENGTH = 24
 LONG_PROMPT = " ".join(f"context{i} word" for i in range(40))
@@ -30,13 +31,7 @@ RTOL = 1e-5
 
 
 def make_model(backbone: Path, seed: int = 1, **config) -> RewardModel:
-    model = RewardModel.create(
-        RewardModelConfig(backbone=str(backbone), max_length=MAX_LENGTH, **config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.trainable_parameters():
-            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
+    return perturbed_model(backbone, seed=seed, max_length=MAX_LENGTH, **config)
 
 
 def row_alone(batch: PairBatch, row: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_scores import make_model, pairs
+from helpers import pairs, tiny_scoring_model
 
 from prefprune.influence import InfluenceConfig, compute_scores, store
 
@@ -55,7 +55,7 @@ def child(backbone: str, work_dir: str, case: str) -> None:
                 threading.Event().wait()
 
     store.save_file = save_then_hang
-    compute_scores(make_model(backbone), *data(), config(case), work_dir=work_dir,
+    compute_scores(tiny_scoring_model(backbone), *data(), config(case), work_dir=work_dir,
                    progress=False)
 
 
@@ -83,7 +83,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_bert, tmp_path, cas
     assert len(finished) == FINISHED
     assert len(list(tmp_path.glob(f"*/.{prefix}*.tmp-*"))) == 1  # the save the kill cut short
 
-    model = make_model(tiny_bert)
+    model = tiny_scoring_model(tiny_bert)
     resumed = compute_scores(model, *data(), config(case), work_dir=tmp_path, progress=False)
     uninterrupted = compute_scores(model, *data(), config(case), progress=False)
     # only the unfinished shards of the interrupted pass went through the model again

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import perturbed_model
 
 from prefprune.errors import ConfigError, ModelError
 from prefprune.influence import InfluenceConfig, compute_scores
@@ -19,14 +20,7 @@ REJECTED = ["a number like seven or eight", "lyon", "no"]
 
 
 def make_model(backbone, seed: int = 1, **config) -> RewardModel:
-    """A model moved away from initialisation (LoRA B starts at zero, hiding bugs)."""
-    model = RewardModel.create(RewardModelConfig(backbone=str(backbone), max_length=24,
-                                                 **config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.trainable_parameters():
-            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
+    return perturbed_model(backbone, seed=seed, max_length=24, **config)
 
 
 @pytest.fixture(scope="module", params=["bert", "gpt2", "llama"])

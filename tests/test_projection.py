@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import pairs, tiny_scoring_model
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
-from test_scores import make_model, pairs
 
 from prefprune.errors import InfluenceError
 from prefprune.influence import InfluenceConfig, compute_scores
@@ -38,7 +38,7 @@ def test_projection_preserves_inner_products():
 
 @pytest.fixture(scope="module")
 def setup(tiny_bert):
-    return make_model(tiny_bert), pairs(24, 1, "t"), pairs(8, 2, "v")
+    return tiny_scoring_model(tiny_bert), pairs(24, 1, "t"), pairs(8, 2, "v")
 
 
 def test_projected_scores_rank_like_unprojected(setup):

@@ -3,7 +3,7 @@
 Ground truth: ``torch.func.functional_call`` over a flat θ gives the Jacobian of all training
 margins J (so ``g_i = −σ(−m_i) J_i``, ``G = Jᵀ diag(σ(m)σ(−m)) J / n``), the exact Hessian of
 the mean training loss, and ``g_val`` as the autograd gradient of the mean validation loss.
-Every score is then a dense float64 formula from SPEC §2 (sign: larger = more harmful). The
+Every score is then a dense float64 formula from docs/method.md, section 2 (sign: larger = more harmful). The
 model is a tiny BERT with rank-1 LoRA on the query projections (161 parameters), moved far
 from initialisation so that margins, and the Hessian's negative eigenvalues, are real.
 """
@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import pairs, tiny_scoring_model
 from torch.func import functional_call
 
 from prefprune.errors import InfluenceError, NegativeCurvatureError
@@ -28,40 +29,8 @@ from prefprune.influence.curvature import CachedGaussNewton
 from prefprune.influence.dual import dual_quadratic, dual_solve
 from prefprune.model import RewardModel, RewardModelConfig, gauss_newton_weights
 
-WORDS = [
-    "apple", "river", "stone", "cloud", "quick", "slow", "bright", "dark", "happy", "sad",
-    "green", "blue", "window", "garden", "music", "paper", "ocean", "mountain", "silver",
-    "orange", "table", "number", "seven", "later", "never", "always", "maybe", "honest",
-]
 N_TRAIN, N_VAL = 16, 8
 TARGET_SCORES = ("if", "flip", "grad_dot", "grad_cos")
-
-
-def pairs(n: int, seed: int, prefix: str) -> datasets.Dataset:
-    rng = np.random.default_rng(seed)
-
-    def text(low: int, high: int) -> str:
-        return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high))))
-
-    return datasets.Dataset.from_dict({
-        "id": [f"{prefix}{i}" for i in range(n)],
-        "prompt": [text(1, 14) for _ in range(n)],
-        "chosen": [text(1, 9) for _ in range(n)],
-        "rejected": [text(1, 9) for _ in range(n)],
-        "worker": [f"w{i % 3}" for i in range(n)],
-        "confidence": [float(i % 4) for i in range(n)],
-    })
-
-
-def make_model(backbone) -> RewardModel:
-    model = RewardModel.create(RewardModelConfig(
-        backbone=str(backbone), max_length=32, lora_r=1, target_modules=("query",)))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, param in model.trainable_parameters():
-            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    model.model.eval()
-    return model
 
 
 class Truth:
@@ -166,7 +135,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def model(tiny_bert):
-    return make_model(tiny_bert)
+    return tiny_scoring_model(tiny_bert)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ Two forms of the same model are handed to peers (both checked against prefprune'
 ``rows`` runs a pair's two responses as two rows of one BERT batch (what autograd-per-sample
 peers need), ``packed`` runs them as one sequence of 2L tokens with a block-diagonal attention
 mask and restarted positions, so that peers that take per-sample gradients from module hooks
-(Kronfluence, EK-FAC) see one sample per *pair*, not per response (SPEC §6).
+(Kronfluence, EK-FAC) see one sample per *pair*, not per response.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ products), :mod:`solvers` and :mod:`dual` (inverse-Hessian-vector products), :mo
 """
 
 from prefprune.influence.config import ALL_SCORES, DEFAULT_SCORES, InfluenceConfig
-from prefprune.influence.engine import ScoreResult, compute_scores, model_fingerprint
+from prefprune.influence.engine import compute_scores
+from prefprune.influence.results import ScoreResult, model_fingerprint
 
 __all__ = [
     "ALL_SCORES",

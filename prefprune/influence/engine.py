@@ -18,96 +18,32 @@ single-process run up to float rounding; only the main process should save it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from prefprune import distributed
 from prefprune.data import fingerprint
 from prefprune.errors import ConvergenceWarning, InfluenceError
-from prefprune.files import write_atomic, write_json_atomic
 from prefprune.influence import formulas, solvers
 from prefprune.influence.config import MAX_DUAL_PAIRS, InfluenceConfig
 from prefprune.influence.curvature import CachedGaussNewton, StreamingCurvature
-from prefprune.influence.dual import dual_solve
 from prefprune.influence.gradients import MarginGradientComputer
+from prefprune.influence.inverse import solve, solver_record
 from prefprune.influence.projection import ProjectedGradients, RandomProjection
+from prefprune.influence.results import SCORES_KIND, ScoreResult, digest, model_fingerprint
 from prefprune.influence.store import ShardStore
 from prefprune.model import RewardModel, encoded_batches, gauss_newton_weights
 from prefprune.progress import progress_bar
 
 #: The exact Hessian is formed densely for a direct solve only up to this many parameters.
 MAX_DIRECT_PARAMS = 6000
-
-
-#: Marks a score table (Parquet schema metadata) and its sidecar as prefprune's own.
-SCORES_KIND = "prefprune-scores"
-
-
-def sidecar_of(path: Path) -> Path:
-    """The JSON sidecar beside a score table: ``scores.parquet`` -> ``scores.json``."""
-    return Path(path).with_suffix(".json")
-
-
-def is_score_table(path: Path) -> bool:
-    """Whether ``path`` is a score table prefprune wrote (its Parquet metadata says so)."""
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return False
-    return metadata.get(b"prefprune") == SCORES_KIND.encode()
-
-
-def is_score_sidecar(path: Path) -> bool:
-    """Whether ``path`` is a score sidecar prefprune wrote."""
-    try:
-        return json.loads(Path(path).read_text()).get("kind") == SCORES_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@dataclass
-class ScoreResult:
-    """The score table (one row per training pair) and the run's metadata sidecar."""
-
-    table: pd.DataFrame
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``path`` (Parquet, marked as prefprune's) and its ``.json`` sidecar, each
-        atomically."""
-        path = Path(path)
-        table = pa.Table.from_pandas(self.table, preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"prefprune": SCORES_KIND.encode()})
-        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
-        sidecar = sidecar_of(path)
-        write_json_atomic(sidecar, self.metadata)
-        return path, sidecar
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(model: RewardModel) -> str:
-    """sha256 over θ's values and the model config: the scores' identity of the model."""
-    digest = hashlib.sha256(json.dumps(model.config.identity(), sort_keys=True).encode())
-    for name, param in model.trainable_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def compute_scores(model: RewardModel, train: Any, validation: Any | Mapping[str, Any],
@@ -219,14 +155,14 @@ class _Engine:
         self.meta["validation_fingerprints"] = {n: fingerprint(d) for n, d in self.targets.items()}
         projection = () if self.config.projection_dim is None else \
             ("projection", self.config.projection_dim, self.config.seed)
-        return _digest({k: self.meta[k] for k in
+        return digest({k: self.meta[k] for k in
                         ("model_fingerprint", "data_fingerprint", "validation_fingerprints")},
                        self.config.shard_size, *projection)
 
     def _solve_key(self) -> str:
         """Identity of a solve (and of the projections that use it) within one run."""
         cfg = self.config
-        return "solve-" + _digest(cfg.curvature, cfg.solver, cfg.damping, cfg.damping_relative,
+        return "solve-" + digest(cfg.curvature, cfg.solver, cfg.damping, cfg.damping_relative,
                                   cfg.tol, cfg.max_iter, cfg.lissa_depth, cfg.lissa_scale,
                                   cfg.negative_curvature, cfg.curvature_samples, cfg.seed)
 
@@ -423,7 +359,7 @@ class _Engine:
         for name, rhs in zip(self.targets, g_val):
             result, curvature = self._solve_one(rhs, damping, stats, name)
             solutions.append(result.solution)
-            records[name] = {**_result_record(result), "curvature": curvature}
+            records[name] = {**solver_record(result), "curvature": curvature}
         self.meta["solves"] = records
         self._warn_unconverged()
         out = torch.stack(solutions)
@@ -436,11 +372,16 @@ class _Engine:
         """Scores from an unconverged solve are recorded, and the user is told (once)."""
         if not distributed.is_main_process():
             return
-        for target, solve in self.meta["solves"].items():
-            if not solve["converged"]:
+        for target, record in self.meta["solves"].items():
+            if not record["converged"]:
                 warnings.warn(f"the inverse-HVP solve for target {target!r} did not converge: "
-                              f"{solve['message']}; its if/flip scores are approximate",
+                              f"{record['message']}; its if/flip scores are approximate",
                               ConvergenceWarning, stacklevel=2)
+
+    def _run_solver(self, operator: Any, rhs: torch.Tensor, damping: float,
+                    name: str) -> solvers.SolverResult:
+        return solve(operator, rhs, damping, self.config, dim=self.dim, label=name,
+                     progress=self.progress)
 
     def _solve_one(self, rhs: torch.Tensor, damping: float, stats: dict[str, torch.Tensor],
                    name: str) -> tuple[solvers.SolverResult, str]:
@@ -453,34 +394,6 @@ class _Engine:
                              f"re-solved with Gauss–Newton curvature. {retry.message}").strip()
             return retry, "gauss_newton (fallback)"
         return result, kind
-
-    def _run_solver(self, operator: Any, rhs: torch.Tensor, damping: float,
-                    name: str) -> solvers.SolverResult:
-        cfg = self.config
-        if cfg.solver == "direct":
-            result = self._direct(operator, rhs, damping)
-            if result.negative_curvature and cfg.negative_curvature == "raise":
-                raise InfluenceError(
-                    f"the damped curvature H + λI (λ = {damping:.3g}) is not positive "
-                    "definite; raise the damping or use Gauss–Newton curvature")
-            return result
-        with progress_bar(f"{cfg.solver} solve ({name})", None, self.progress) as advance:
-            def callback(_: int, __: float) -> None:
-                advance(1)
-
-            if cfg.solver == "cg":
-                on_negative = "raise" if cfg.negative_curvature == "raise" else "stop"
-                return solvers.solve_cg(operator, rhs, damping=damping, tol=cfg.tol,
-                                        max_iter=cfg.max_iter, callback=callback,
-                                        on_negative_curvature=on_negative)
-            return solvers.solve_lissa(operator, rhs, damping=damping, scale=cfg.lissa_scale,
-                                       depth=cfg.lissa_depth, tol=cfg.tol, callback=callback)
-
-    def _direct(self, operator: Any, rhs: torch.Tensor, damping: float) -> solvers.SolverResult:
-        if isinstance(operator, CachedGaussNewton):
-            return dual_solve(operator, rhs, damping)
-        matrix = solvers.dense_matrix(operator, self.dim, dtype=torch.float32)
-        return solvers.solve_direct(matrix, rhs, damping=damping)
 
     # --- scoring ---------------------------------------------------------------------------
 
@@ -561,14 +474,6 @@ class _Engine:
             "sign_convention": "every score is a harm: larger = more harmful; rank 1 = most",
             **self.meta,
         }
-
-
-def _result_record(result: solvers.SolverResult) -> dict[str, Any]:
-    return {"method": result.method, "iterations": result.iterations,
-            "residuals": result.residuals, "final_residual":
-            result.residuals[-1] if result.residuals else None,
-            "converged": result.converged, "damping": result.damping,
-            "negative_curvature": result.negative_curvature, "message": result.message}
 
 
 def _cat(parts: list[torch.Tensor], empty: tuple[int, ...],
