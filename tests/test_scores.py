@@ -3,9 +3,10 @@
 Ground truth: ``torch.func.functional_call`` over a flat θ gives the Jacobian of all training
 margins J (so ``g_i = −σ(−m_i) J_i``, ``G = Jᵀ diag(σ(m)σ(−m)) J / n``), the exact Hessian of
 the mean training loss, and ``g_val`` as the autograd gradient of the mean validation loss.
-Every score is then a dense float64 formula from docs/method.md, section 2 (sign: larger = more harmful). The
-model is a tiny BERT with rank-1 LoRA on the query projections (161 parameters), moved far
-from initialisation so that margins, and the Hessian's negative eigenvalues, are real.
+Every score is then a dense float64 formula from docs/method.md, section 2 (sign: larger =
+more harmful). The model is a tiny BERT with rank-1 LoRA on the query projections (161
+parameters), moved far from initialisation so that margins, and the Hessian's negative
+eigenvalues, are real.
 """
 
 from __future__ import annotations

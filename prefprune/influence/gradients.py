@@ -6,7 +6,8 @@ of the summed rewards with respect to those outputs, and a per-row outer product
 row's weight gradient exactly (``∂r/∂W = Σ_t δ_t x_tᵀ`` over that row's tokens). Rows are
 independent in eval mode, so summing the rewards does not mix them. The two rows of a pair
 (chosen, rejected) are folded back into one margin gradient ``∇m = ∇r_w − ∇r_l``; the loss
-gradient is ``∇ℓ = −σ(−m) ∇m`` (docs/method.md, section 1), so margins and ``∇m`` are all a score needs.
+gradient is ``∇ℓ = −σ(−m) ∇m`` (docs/method.md, section 1), so margins and ``∇m`` are all a
+score needs.
 
 ``torch.func.vmap`` is not used on purpose: HF BERT's mask code branches on data.
 """
