@@ -77,6 +77,7 @@ def prepare_data(
     hub_config: str | None = None,
     hub_split: str | None = None,
     data_dir: str | None = None,
+    hub: bool = False,
 ) -> PreparedData:
     """Load ``source`` (``None``: the embedded synthetic set) and split it train/validation/test.
 
@@ -85,7 +86,8 @@ def prepare_data(
     """
     path = default_dataset_path() if source is None else source
     loaded = load_preferences(path, format=format, columns=columns, strict=strict,
-                              hub_config=hub_config, hub_split=hub_split, data_dir=data_dir)
+                              hub_config=hub_config, hub_split=hub_split, data_dir=data_dir,
+                              hub=hub)
     splits = split_preferences(loaded.dataset, fractions=fractions, seed=seed)
     return PreparedData(splits, loaded.report, fingerprint(splits["train"]), str(path),
                         fingerprint(loaded.dataset))

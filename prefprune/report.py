@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,29 @@ GROUP_COLUMNS = ("worker", "batch", "policy_pair", "subreddit")
 TOP_PAIRS = 10
 
 
+@dataclass(frozen=True)
+class Code:
+    """Literal text shown as code (a path, a command)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Bold:
+    text: str
+
+
+#: A paragraph: plain text, or a sequence of plain, code and bold parts. No part is markup:
+#: every renderer escapes every part, so text from the data can never inject Markdown or HTML.
+Paragraph = str | tuple[str | Code | Bold, ...]
+
+
 @dataclass
 class Section:
     """One part of the report: a heading, paragraphs, an optional table and figure."""
 
     title: str
-    text: list[str] = field(default_factory=list)
+    text: list[Paragraph] = field(default_factory=list)
     header: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     figure: str | None = None  # file stem of a PNG in figures/
@@ -89,9 +107,10 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
     rerun = command or f"prefprune experiment --config {output / CONFIG_FILE} --output {output}"
     base = result.summary["baseline"]["test_accuracy"]
     return Section("Pruning experiment", text=[
-        f"Data: `{data['source']}` ({data['format']}): read {data['read']} = kept "
-        f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
-        f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs.",
+        ("Data: ", Code(data["source"]), f" ({data['format']}): read {data['read']} = kept "
+         f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
+         f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs."),
+        *_truncation_lines(data),
         f"Model: {model.backbone or 'all-MiniLM-L6-v2 (default)'}, LoRA r={model.lora_r}"
         f"{f' on the top {model.lora_layers} layers' if model.lora_layers else ''}, "
         f"max_length {model.max_length}; training {_plural(cfg.train.epochs, 'epoch')}, batch "
@@ -100,14 +119,24 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         f"{', '.join(f'{f:.0%}' for f in cfg.fractions)}"
         + (f"; {cfg.inject_flips:.0%} of training labels flipped on purpose (seeded per "
            "replicate)" if cfg.inject_flips else "") + ".",
-        f"Unpruned test accuracy: **{format_interval(base)}** (mean ± 95% interval over seeds).",
+        ("Unpruned test accuracy: ", Bold(format_interval(base)),
+         " (mean ± 95% interval over seeds)."),
         "Every score is a harm (larger = more harmful). Each pruned model is retrained from "
         "the same initialisation, seed and hyper-parameters as its unpruned baseline; "
         "differences are paired by seed.",
-        f"Reproduce: `{rerun}` ({_plural(len(result.runs), 'training run')}, "
-        f"{sum(r.seconds for r in result.runs) / 60:.0f} minutes of training and "
-        "evaluation here).",
+        ("Reproduce: ", Code(rerun), f" ({_plural(len(result.runs), 'training run')}, "
+         f"{sum(r.seconds for r in result.runs) / 60:.0f} minutes of training and "
+         "evaluation here)."),
     ])
+
+
+def _truncation_lines(data: Mapping[str, Any]) -> list[str]:
+    """Say where text was cut to fit max_length: lost context changes what a model learns."""
+    cuts = data.get("truncation") or {}
+    return [f"Truncation ({name}): {cut['prompts_cut']} of {cut['pairs']} pairs had their "
+            f"prompt cut from the left and {cut['responses_cut']} a response cut, at max_length "
+            f"{cut['max_length']}." for name, cut in cuts.items()
+            if cut["prompts_cut"] or cut["responses_cut"]]
 
 
 def _plural(count: int, noun: str) -> str:
@@ -322,24 +351,47 @@ def _bar_png(stats: pd.DataFrame, column: str, by: str) -> bytes:
 
 # --- rendering ---------------------------------------------------------------------------------
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+#: Marks that can start emphasis, code, a link or a table cell; with ``[`` and ``]`` escaped no
+#: link or image can form, so parentheses and ``!`` stay readable.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def _md_text(text: str) -> str:
+    """Plain text for Markdown: HTML characters as entities, Markdown marks backslashed, line
+    breaks as spaces (a user's text can neither start a tag nor a link nor a new block)."""
+    escaped = html.escape(re.sub(r"\s+", " ", str(text)), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", escaped)
+
+
+def _md_code(text: str) -> str:
+    """A code span whose fence is longer than any run of backticks inside it."""
+    text = re.sub(r"\s+", " ", str(text))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_paragraph(paragraph: Paragraph) -> str:
+    parts = (paragraph,) if isinstance(paragraph, str) else paragraph
+    return "".join(_md_code(p.text) if isinstance(p, Code)
+                   else f"**{_md_text(p.text)}**" if isinstance(p, Bold)
+                   else _md_text(p) for p in parts)
 
 
 def render_markdown(sections: Sequence[Section]) -> str:
     lines: list[str] = []
     for i, section in enumerate(sections):
-        lines += [f"{'#' if i == 0 else '##'} {section.title}", ""]
+        lines += [f"{'#' if i == 0 else '##'} {_md_text(section.title)}", ""]
         for paragraph in section.text:
             if paragraph:
-                lines += [paragraph, ""]
+                lines += [_md_paragraph(paragraph), ""]
         if section.rows:
-            lines.append("| " + " | ".join(section.header) + " |")
+            lines.append("| " + " | ".join(_md_text(h) for h in section.header) + " |")
             lines.append("|" + "---|" * len(section.header))
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in section.rows]
+            lines += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in section.rows]
             lines.append("")
         if section.figure and section.figure_png:
-            lines += [f"![{section.title}](figures/{section.figure}.png)", ""]
+            lines += [f"![{_md_text(section.title)}](figures/{section.figure}.png)", ""]
     return "\n".join(lines)
 
 
@@ -354,16 +406,11 @@ code { background: #f5f5f5; padding: 1px 4px; }
 """
 
 
-def _inline(text: str) -> str:
-    """Escape, then render the two Markdown marks the report uses: **bold** and `code`."""
-    parts = html.escape(text).split("`")
-    for i in range(1, len(parts), 2):
-        parts[i] = f"<code>{parts[i]}</code>"
-    joined = "".join(parts)
-    bold = joined.split("**")
-    for i in range(1, len(bold), 2):
-        bold[i] = f"<strong>{bold[i]}</strong>"
-    return "".join(bold)
+def _html_paragraph(paragraph: Paragraph) -> str:
+    parts = (paragraph,) if isinstance(paragraph, str) else paragraph
+    return "".join(f"<code>{html.escape(p.text)}</code>" if isinstance(p, Code)
+                   else f"<strong>{html.escape(p.text)}</strong>" if isinstance(p, Bold)
+                   else html.escape(p) for p in parts)
 
 
 def render_html(sections: Sequence[Section]) -> str:
@@ -371,7 +418,7 @@ def render_html(sections: Sequence[Section]) -> str:
     for i, section in enumerate(sections):
         tag = "h1" if i == 0 else "h2"
         body.append(f"<{tag}>{html.escape(section.title)}</{tag}>")
-        body += [f"<p>{_inline(p)}</p>" for p in section.text if p]
+        body += [f"<p>{_html_paragraph(p)}</p>" for p in section.text if p]
         if section.rows:
             head = "".join(f"<th>{html.escape(h)}</th>" for h in section.header)
             rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)

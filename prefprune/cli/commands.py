@@ -24,7 +24,7 @@ from prefprune.cli import render
 from prefprune.cli.options import OptionGroup, apply, with_options
 from prefprune.cli.render import fail, print_json, stdout
 from prefprune.data import DataOptions, load_preferences
-from prefprune.errors import PrefpruneError, PrefpruneWarning, SelectionError
+from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import Experiment, ExperimentConfig, demo_config
 from prefprune.influence import InfluenceConfig
 from prefprune.model import PairEncoder, RewardModelConfig
@@ -40,7 +40,7 @@ from prefprune.pipeline import (
 )
 from prefprune.pruning import prune_source
 from prefprune.report import write_report
-from prefprune.training import TrainConfig
+from prefprune.training import TrainConfig, resolve_device
 
 #: Exceptions that mean "the input, a setting or a file is wrong", not "prefprune has a bug".
 USER_ERRORS = (PrefpruneError, OSError)
@@ -127,6 +127,15 @@ def _data(values: dict[str, Any]) -> DataOptions:
     return DATA.build(values)  # type: ignore[return-value]
 
 
+def _device(name: str) -> str:
+    """A device this torch can use, or a usage error before any work starts."""
+    try:
+        resolve_device(name)
+    except ConfigError as exc:
+        raise typer.BadParameter(exc.problem, param_hint="--device") from None
+    return name
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 @data_app.command("inspect")
@@ -171,6 +180,7 @@ def train_command(
 ) -> None:
     """Train a LoRA reward model on DATA's train split and evaluate it on the held-out splits."""
     train = TRAIN.build(train_config)
+    _device(train.device)
     prepared = prepare_data(data, seed=train.seed, **_data(data_options).kwargs())
     outcome = train_and_evaluate(prepared, MODEL.build(model_config), train, output=output,
                                  overwrite=overwrite, progress=not quiet)
@@ -200,7 +210,7 @@ def evaluate_command(
     quiet: QuietFlag = False,
 ) -> None:
     """Evaluate a saved reward model on a split of DATA: accuracy, loss, margin statistics."""
-    apply(TrainConfig(), {"device": device})  # a bad device name is a usage error
+    _device(device)
     split_seed = recorded_seed(model) if seed is None else seed
     prepared = prepare_data(data, seed=split_seed, **_data(data_options).kwargs())
     result = evaluate_saved(model, prepared, split, device=device, progress=not quiet,
@@ -239,6 +249,7 @@ def score_command(
     """Score every training pair: how removing (or flipping) it would change validation loss.
     The random score and any subsampling are seeded by --seed."""
     train = TRAIN.build(train_config)
+    _device(train.device)
     seed = recorded_seed(model) if model is not None else train.seed
     influence = apply(INFLUENCE.build(influence_config), {"seed": seed})
     prepared = prepare_data(data, seed=seed, **_data(data_options).kwargs())
@@ -347,6 +358,7 @@ def experiment_command(
         "data_options": data_options, "model_config": model_config,
         "train_config": train_config, "influence_config": influence_config,
         "experiment_values": experiment_values})
+    _device(settings.train.device)
     result = Experiment(settings, output, progress=not quiet, overwrite=overwrite,
                         on_run=None if quiet or json_output else _print_run).run()
     paths = write_report(result, output)

@@ -15,13 +15,16 @@ re-reading the input and keeping the rows whose position survived:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
+import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,8 @@ import datasets
 
 from prefprune.errors import DataError
 
-_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+#: ``owner/name``: the only shape read from the hub without ``hub=True``.
+_HUB_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
 _KNOWN_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -62,17 +66,23 @@ def read_container(
     hub_config: str | None = None,
     hub_split: str | None = None,
     data_dir: str | None = None,
+    hub: bool = False,
 ) -> Container:
-    """Open ``source`` (a local file or directory, else a hub dataset name)."""
+    """Open ``source``: a local file or directory; else a hub dataset, but only when it looks
+    like a hub id (``owner/name``) or ``hub`` says so. A mistyped file name is reported at
+    once instead of spending the network retries of a hub lookup on it."""
     path = Path(source)
-    if path.is_dir():
+    if hub:
+        container = _read_hub(str(source), hub_config, hub_split, data_dir)
+    elif path.is_dir():
         container = _read_saved_dataset(path, hub_split)
     elif path.exists():
         container = _read_file(path)
-    elif _looks_like_hub_name(str(source)):
+    elif _looks_like_hub_id(str(source)):
         container = _read_hub(str(source), hub_config, hub_split, data_dir)
     else:
-        raise DataError(f"{source}: file not found")
+        raise DataError(f"{source}: file not found (a hub dataset is read when named as "
+                        "owner/name, or with --hub)")
     if not container.rows:
         raise DataError(f"{container.label}: contains no records")
     if not container.columns:
@@ -80,9 +90,12 @@ def read_container(
     return container
 
 
-def _looks_like_hub_name(name: str) -> bool:
-    """A hub name is ``owner/name`` or ``name`` without a data-file suffix."""
-    return bool(_HUB_NAME.match(name)) and not _data_suffix(name)
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name``, without a data-file suffix, whose owner is not a local folder (then it
+    is a local path that does not exist)."""
+    if not _HUB_ID.match(name) or _data_suffix(name):
+        return False
+    return not Path(name.split("/")[0]).exists()
 
 
 def _data_suffix(name: str) -> str:
@@ -137,7 +150,9 @@ def _json_lines(path: Path, data: bytes, kind: str) -> Container:
         if not raw.strip():
             continue
         try:
-            rows.append(RawRow(number, json.loads(raw.decode("utf-8"))))
+            # utf-8-sig on the first line: a byte-order mark is not part of the record
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            rows.append(RawRow(number, json.loads(text)))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             rows.append(RawRow(number, error=f"invalid JSON: {exc}"))
     return Container(kind, str(path), "line", rows)
@@ -146,7 +161,7 @@ def _json_lines(path: Path, data: bytes, kind: str) -> Container:
 def _read_json(path: Path, data: bytes) -> Container:
     """A JSON list of records or ``{"data": [...]}``; JSON lines in a .json file also work."""
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -164,7 +179,7 @@ def _read_json(path: Path, data: bytes) -> Container:
 
 def _first_line_is_object(data: bytes) -> bool:
     """Whether the content looks like JSON lines (its first line is a JSON object)."""
-    first = data.lstrip().split(b"\n", 1)[0]
+    first = data.removeprefix(codecs.BOM_UTF8).lstrip().split(b"\n", 1)[0]
     try:
         return isinstance(json.loads(first), dict)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -218,12 +233,25 @@ def _read_hub(
 ) -> Container:
     """A hub dataset; only reached when ``source`` is not a local path."""
     try:
-        loaded = datasets.load_dataset(name, config, split=split, data_dir=data_dir)
+        with _quiet_hub():
+            loaded = datasets.load_dataset(name, config, split=split, data_dir=data_dir)
     except Exception as exc:  # the hub raises many unrelated types; report them uniformly
         raise DataError(
             f"{name}: not a local path, and loading it as a hub dataset failed: {exc}"
         ) from exc
     return _from_dataset(loaded, "hub", name, split)
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The hub client logs each failed request; the one error prefprune raises says it all."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _from_dataset(

@@ -22,6 +22,7 @@ from prefprune.data.formats import (
 )
 from prefprune.data.options import FORMATS
 from prefprune.data.report import IngestionReport, RowIssue, SkippedRow
+from prefprune.data.splits import SOURCE_SPLITS
 from prefprune.errors import DataError
 
 _CANONICAL_TYPES = {
@@ -53,6 +54,7 @@ def load_preferences(
     hub_config: str | None = None,
     hub_split: str | None = None,
     data_dir: str | None = None,
+    hub: bool = False,
 ) -> LoadResult:
     """Load preference pairs from a file, a saved dataset directory or a hub name.
 
@@ -63,8 +65,9 @@ def load_preferences(
     input and the 0-based record index otherwise (see ``containers``).
     """
     container, fmt, mapping = open_source(source, format, columns, hub_config=hub_config,
-                                          hub_split=hub_split, data_dir=data_dir)
+                                          hub_split=hub_split, data_dir=data_dir, hub=hub)
     pairs, skipped = _convert_all(container, fmt, mapping, strict)
+    pairs = _drop_unplaceable(pairs, skipped, container, strict)
     report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
                              container.kind)
     return LoadResult(_to_dataset(pairs, fmt, container.label), report)
@@ -72,14 +75,14 @@ def load_preferences(
 
 def open_source(source: str | os.PathLike, format: str = "auto",
                 columns: Mapping[str, str] | None = None, *, hub_config: str | None = None,
-                hub_split: str | None = None,
-                data_dir: str | None = None) -> tuple[Container, str, dict[str, str]]:
+                hub_split: str | None = None, data_dir: str | None = None,
+                hub: bool = False) -> tuple[Container, str, dict[str, str]]:
     """The raw rows of ``source``, its layout (``format``, or detected) and the checked column
     mapping: everything a reader or a writer of the source needs to find its pairs."""
     if format not in FORMATS:
         raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
     container = read_container(source, hub_config=hub_config, hub_split=hub_split,
-                               data_dir=data_dir)
+                               data_dir=data_dir, hub=hub)
     mapping = check_mapping(dict(columns or {}), container)
     return container, (format if format != "auto" else detect_layout(container, mapping)), mapping
 
@@ -128,6 +131,30 @@ def _convert_all(
             continue
         kept.append((raw, pair))
     return kept, skipped
+
+
+def _drop_unplaceable(pairs: list[tuple[RawRow, Pair]], skipped: list[SkippedRow],
+                      container: Container, strict: bool) -> list[tuple[RawRow, Pair]]:
+    """When some rows name a known source split (TL;DR's train/valid1/valid2, a dataset's
+    train/test), the source's splits are used; a row whose split is missing or unknown then
+    cannot be placed. It is skipped and reported, rather than turning the whole source into a
+    random split (which would put train rows into test)."""
+    known = [isinstance(p.split, str) and p.split in SOURCE_SPLITS for _, p in pairs]
+    if all(known) or not any(known):
+        return pairs
+    names = ", ".join(SOURCE_SPLITS)
+    kept = []
+    for (raw, pair), ok in zip(pairs, known):
+        if ok:
+            kept.append((raw, pair))
+            continue
+        row = SkippedRow(container.label, raw.position, "split", "unknown_split",
+                         f"split {pair.split!r} is not one of {names}, which the other rows "
+                         "use", container.unit)
+        if strict:
+            raise DataError(row.message())
+        skipped.append(row)
+    return kept
 
 
 def _convert_one(raw: RawRow, convert: Converter, mapping: Mapping[str, str]) -> Pair:

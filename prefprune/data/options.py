@@ -31,6 +31,8 @@ class DataOptions(Settings):
                                                 "comparisons).")
     hub_split: str | None = setting(None, help="Only this split of a hub or saved dataset.")
     data_dir: str | None = setting(None, help="data_dir argument of a hub dataset.")
+    hub: bool = setting(False, help="Read DATA as a hub dataset name. Without it only names "
+                                    "shaped like owner/name go to the hub.")
 
     def validate(self) -> None:
         for canonical, column in self.columns.items():
@@ -44,4 +46,4 @@ class DataOptions(Settings):
         """Keyword arguments of ``load_preferences`` / ``prepare_data``."""
         return {"format": self.format, "columns": dict(self.columns), "strict": self.strict,
                 "hub_config": self.hub_config, "hub_split": self.hub_split,
-                "data_dir": self.data_dir}
+                "data_dir": self.data_dir, "hub": self.hub}

@@ -20,6 +20,7 @@ REASONS = (
     "hh_prompt_mismatch",
     "duplicate_id",
     "bad_choice",
+    "unknown_split",
 )
 
 

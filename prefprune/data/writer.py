@@ -11,11 +11,13 @@ the container allows it (JSON lines, CSV); a relabelled row is rewritten in the 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +55,13 @@ def rewrite_source(
     hub_config: str | None = None,
     hub_split: str | None = None,
     data_dir: str | None = None,
+    hub: bool = False,
 ) -> RewriteReport:
     """Copy ``source`` to ``output`` without the pairs in ``remove`` and with the labels of
     the pairs in ``relabel`` flipped. Raises :class:`DataError` when an id is not in the source
     (the scores were computed on other data)."""
     container, fmt, mapping = open_source(source, format, columns, hub_config=hub_config,
-                                          hub_split=hub_split, data_dir=data_dir)
+                                          hub_split=hub_split, data_dir=data_dir, hub=hub)
     actions = _row_actions(container, fmt, mapping, set(remove), set(relabel))
     missing = (set(remove) | set(relabel)) - {pid for pid, _ in actions.values()}
     if missing:
@@ -122,8 +125,9 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 def _write_json_lines(container: Container, output: Path, actions: dict[int, tuple[str, str]],
                       flip: _Relabeller) -> int:
-    """Untouched lines are copied byte for byte (blank lines included)."""
-    lines = read_bytes(Path(container.label)).splitlines()
+    """Untouched lines are copied byte for byte, with their own line endings (blank lines and
+    a byte-order mark included); a relabelled line keeps its ending."""
+    lines = read_bytes(Path(container.label)).splitlines(keepends=True)
     by_line = {container.rows[i].position: a for i, a in actions.items()}
     records = {row.position: row.record for row in container.rows}
     out = []
@@ -132,10 +136,13 @@ def _write_json_lines(container: Container, output: Path, actions: dict[int, tup
         if action == "remove":
             continue
         if action == "relabel":
-            line = json.dumps(flip(records[number]), ensure_ascii=False).encode()
+            body = line.rstrip(b"\r\n")
+            bom = codecs.BOM_UTF8 if body.startswith(codecs.BOM_UTF8) else b""
+            text = json.dumps(flip(records[number]), ensure_ascii=False).encode()
+            line = bom + text + line[len(body):]
         out.append(line)
-    _atomic_bytes(output, b"\n".join(out) + b"\n")
-    return len(out) - sum(1 for line in out if not line.strip())
+    _atomic_bytes(output, b"".join(out))
+    return sum(1 for line in out if line.strip(codecs.BOM_UTF8 + b" \t\r\n"))
 
 
 def _kept_records(container: Container, actions: dict[int, tuple[str, str]],
@@ -161,23 +168,36 @@ def _write_json(container: Container, output: Path, actions: dict[int, tuple[str
 
 def _write_csv(container: Container, output: Path, actions: dict[int, tuple[str, str]],
                flip: _Relabeller) -> int:
-    """Cells are rewritten through the csv module; malformed rows are kept as they were."""
-    text = read_bytes(Path(container.label)).decode("utf-8-sig")
-    cells = list(csv.reader(io.StringIO(text, newline="")))
-    header, body = cells[0], cells[1:]
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    written = 0
-    for index, row in enumerate(body):
+    """Untouched records (the header, blank lines and malformed rows included) are copied as
+    they were, byte for byte with their own line endings; a relabelled record is written
+    through the csv module with the file's line ending."""
+    data = read_bytes(Path(container.label))
+    bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
+    text = data[len(bom):].decode("utf-8")
+    lines = re.split(r"(?<=\n)", text)
+    ending = "\r\n" if "\r\n" in text else "\n"
+    reader = csv.reader(lines)
+    out, header, index, consumed, written = [], None, -1, 0, 0
+    for row in reader:
+        raw = "".join(lines[consumed:reader.line_num])
+        consumed = reader.line_num
+        if header is None or not row:  # the header, or a blank line (not a record)
+            header = header if header is not None else row
+            out.append(raw)
+            continue
+        index += 1
         action = actions.get(index, (None, None))[1]
         if action == "remove":
             continue
         if action == "relabel":
-            row = [flip(dict(zip(header, row)))[name] for name in header]
-        writer.writerow(row)
+            buffer = io.StringIO(newline="")
+            csv.writer(buffer, lineterminator=ending).writerow(
+                [flip(dict(zip(header, row)))[name] for name in header])
+            raw = buffer.getvalue() if raw.endswith("\n") else buffer.getvalue().rstrip("\r\n")
+        out.append(raw)
         written += 1
-    _atomic_bytes(output, buffer.getvalue().encode("utf-8"))
+    out.append("".join(lines[consumed:]))  # anything after the last record (trailing blanks)
+    _atomic_bytes(output, bom + "".join(out).encode("utf-8"))
     return written
 
 

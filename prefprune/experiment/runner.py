@@ -37,7 +37,7 @@ from prefprune.files import (
 )
 from prefprune.influence.engine import compute_scores
 from prefprune.model import FrozenLayerCache, RewardModel
-from prefprune.pipeline import PreparedData, data_summary, prepare_data
+from prefprune.pipeline import PreparedData, data_summary, prepare_data, truncation
 from prefprune.progress import progress_bar
 from prefprune.pruning import inject_flips, relabel_pairs, remove_pairs, select
 from prefprune.training import evaluate, train_reward_model
@@ -110,12 +110,15 @@ class Experiment:
         self._check_splits(data)
         self._claim_output(data)
         runs, detection, tables, texts = [], {}, {}, {}
+        summary = data_summary(data)
         arms = {seed: arms_of(self.config, seed) for seed in self.config.seeds}
         total = sum(len(a) + 1 for a in arms.values())
         with progress_bar("experiment runs", total, self.progress) as advance:
             for seed in self.config.seeds:
                 train = self._training_pairs(data, seed)
                 base, model = self._base(seed, train, data)
+                summary.setdefault("truncation", {k: v.to_dict() for k, v in
+                                                  truncation(model, data).items()})
                 runs.append(base)
                 advance(1)
                 table = self._scores(seed, model, train, data)
@@ -126,8 +129,7 @@ class Experiment:
                     runs.append(self._retrain(arm, train, table, data))
                     advance(1)
         result = ExperimentResult(self.config, runs, detection, summarise(runs, detection),
-                                  data_summary(data), tables, texts,
-                                  time.perf_counter() - start)
+                                  summary, tables, texts, time.perf_counter() - start)
         write_json_atomic(self.output / RESULTS_FILE, result.to_dict())
         return result
 
