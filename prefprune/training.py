@@ -10,6 +10,7 @@ process sees).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -162,12 +163,12 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
     steps = math.ceil(batches_per_epoch / config.grad_accum_steps) * config.epochs
     scheduler = _schedule(optimizer, steps, int(config.warmup_ratio * steps))
     result = TrainResult(pairs=len(train))
-    generator = torch.Generator().manual_seed(config.seed)
+    ids = _pair_ids(train)
     seed_everything(config.seed)
     model.model.train()
     try:
         for epoch in range(config.epochs):
-            order = torch.randperm(len(train), generator=generator).tolist()
+            order = epoch_order(ids, config.seed, epoch)
             start = time.perf_counter()
             with progress_bar(f"train epoch {epoch + 1}/{config.epochs}", len(train),
                               progress) as advance:
@@ -179,6 +180,27 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
         model.model.eval()
     result.tokens = int(distributed.all_reduce_sum(torch.tensor([result.tokens])))
     return result
+
+
+def epoch_order(ids: list[str], seed: int, epoch: int) -> list[int]:
+    """The rows of one epoch, in an order that depends only on each pair's id, the seed and
+    the epoch: every pair gets a pseudo-random key from (seed, epoch, id) and rows are sorted
+    by it. Removing pairs therefore leaves the relative order of every remaining pair
+    unchanged, so a retrain after pruning differs from its baseline only by the removed
+    pairs, not by a reshuffle of all the others (docs/method.md, section 4)."""
+    prefix = f"{seed}\x1f{epoch}\x1f".encode()
+
+    def key(row: int) -> bytes:
+        return hashlib.blake2b(prefix + ids[row].encode(), digest_size=8).digest()
+
+    return sorted(range(len(ids)), key=key)
+
+
+def _pair_ids(train: Any) -> list[str]:
+    """Pair ids (which order the epochs); rows without ids are keyed by their position."""
+    if "id" in getattr(train, "column_names", ()):
+        return [str(i) for i in train["id"]]
+    return [str(i) for i in range(len(train))]
 
 
 def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainConfig,

@@ -50,7 +50,10 @@ def train_data():
 
 
 def train_model(backbone: str) -> tuple[RewardModel, object]:
+    """Trained in float64, so that what the comparison sees is the data-parallel arithmetic,
+    not float32 summation order amplified by Adam on near-zero gradients."""
     model = RewardModel.create(RewardModelConfig(backbone=backbone), seed=TRAIN.seed)
+    model.model.double()
     return model, train_reward_model(model, train_data(), TRAIN, progress=False)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from prefprune.model import RewardModel, RewardModelConfig
-from prefprune.training import TrainConfig, evaluate, train_reward_model
+from prefprune.training import TrainConfig, epoch_order, evaluate, train_reward_model
 
 FAST = TrainConfig(epochs=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0)
 
@@ -89,3 +89,38 @@ def test_empty_dataset_raises(tiny_bert, toy_pairs):
         train_reward_model(model, empty, FAST, progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, empty, progress=False)
+
+
+def test_epoch_order_depends_on_id_seed_and_epoch_only():
+    ids = [f"pair-{i}" for i in range(60)]
+    removed = {"pair-3", "pair-17", "pair-40", "pair-59"}
+    kept = [pid for pid in ids if pid not in removed]
+    for seed, epoch in [(0, 0), (0, 1), (7, 2)]:
+        full = [ids[i] for i in epoch_order(ids, seed, epoch)]
+        pruned = [kept[i] for i in epoch_order(kept, seed, epoch)]
+        assert pruned == [pid for pid in full if pid not in removed]
+        assert sorted(full) == sorted(ids)
+    assert epoch_order(ids, 0, 0) != epoch_order(ids, 0, 1) != epoch_order(ids, 1, 0)
+
+
+def test_a_retrain_sees_the_remaining_pairs_in_the_baselines_order(tiny_bert, toy_pairs):
+    """End to end: the pairs each epoch's batches carry, with and without some pairs."""
+    def seen(pairs) -> list[list[str]]:
+        model = RewardModel.create(RewardModelConfig(backbone=str(tiny_bert)), seed=0)
+        chosen_to_id = dict(zip(pairs["chosen"], pairs["id"]))
+        order: list[str] = []
+        encode = model.encode_pairs
+
+        def record(prompts, chosen, rejected):
+            order.extend(chosen_to_id[c] for c in chosen)
+            return encode(prompts, chosen, rejected)
+
+        model.encode_pairs = record
+        train_reward_model(model, pairs, TrainConfig(epochs=2, batch_size=5), progress=False)
+        return [order[:len(pairs)], order[len(pairs):]]
+
+    removed = {"p2", "p5", "p11"}
+    full = seen(toy_pairs)
+    pruned = seen(toy_pairs.filter(lambda row: row["id"] not in removed))
+    for before, after in zip(full, pruned):
+        assert after == [pid for pid in before if pid not in removed]
