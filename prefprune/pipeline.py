@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,21 @@ import datasets
 
 from prefprune import distributed
 from prefprune.data import (
+    DataOptions,
     IngestionReport,
     default_dataset_path,
     fingerprint,
     load_preferences,
     split_preferences,
 )
+from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import DataError, StaleDataWarning
 from prefprune.files import check_folder, check_output_file, claim_folder
 from prefprune.influence.config import InfluenceConfig
-from prefprune.influence.engine import compute_scores
 from prefprune.influence.results import ScoreResult, is_score_sidecar, is_score_table, sidecar_of
 from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
 from prefprune.model.loading import read_json
+from prefprune.scoring import score_training_pairs
 from prefprune.training import (
     EvalResult,
     TrainConfig,
@@ -60,6 +62,10 @@ class PreparedData:
     fingerprint: str
     source: str
     source_fingerprint: str = ""
+    #: Where each held-out split came from: the source's own split, or a separate file (a
+    #: trusted, expert-labelled target) with its own ingestion report.
+    origins: dict[str, str] = field(default_factory=dict)
+    held_out_reports: dict[str, IngestionReport] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         """Pairs per split, for summaries."""
@@ -78,19 +84,60 @@ def prepare_data(
     hub_split: str | None = None,
     data_dir: str | None = None,
     hub: bool = False,
+    validation: str | os.PathLike | None = None,
+    validation_options: DataOptions | None = None,
+    test: str | os.PathLike | None = None,
+    test_options: DataOptions | None = None,
+    allow_overlap: bool = False,
 ) -> PreparedData:
     """Load ``source`` (``None``: the embedded synthetic set) and split it train/validation/test.
 
     The source's own splits win when it has them (see :func:`split_preferences`); ``fractions``
-    and ``seed`` only shape a prompt-grouped split of data without them.
+    and ``seed`` only shape a prompt-grouped split of data without them. ``validation`` and
+    ``test`` replace those splits by whole separate sources (any layout prefprune reads, read
+    with their own options): a small trusted, expert-labelled validation set is the influence
+    target that finds label errors, rather than one labelled by the same noisy annotators. A
+    separate source that shares pairs with the training split is refused unless
+    ``allow_overlap``.
     """
     path = default_dataset_path() if source is None else source
     loaded = load_preferences(path, format=format, columns=columns, strict=strict,
                               hub_config=hub_config, hub_split=hub_split, data_dir=data_dir,
                               hub=hub)
     splits = split_preferences(loaded.dataset, fractions=fractions, seed=seed)
+    origins = {name: f"the {name} split of {path}" for name in ("validation", "test")}
+    reports = {}
+    for name, held_out, options in (("validation", validation, validation_options),
+                                    ("test", test, test_options)):
+        if held_out is None:
+            continue
+        separate = load_preferences(held_out, **(options or DataOptions()).kwargs())
+        if separate.report.kept == 0:
+            raise DataError(f"{held_out}: no usable pairs for the {name} set "
+                            f"({separate.report.read} rows read, all skipped)")
+        _check_overlap(separate.dataset, splits["train"], name, held_out, allow_overlap)
+        splits[name] = separate.dataset
+        origins[name] = str(held_out)
+        reports[name] = separate.report
     return PreparedData(splits, loaded.report, fingerprint(splits["train"]), str(path),
-                        fingerprint(loaded.dataset))
+                        fingerprint(loaded.dataset), origins, reports)
+
+
+def _pair_keys(pairs: datasets.Dataset) -> dict[tuple[str, frozenset[str]], str]:
+    """A comparison's identity whatever its label: the prompt and the two responses."""
+    return {(p, frozenset((c, r))): pid for pid, p, c, r in
+            zip(pairs["id"], pairs["prompt"], pairs["chosen"], pairs["rejected"])}
+
+
+def _check_overlap(held_out: datasets.Dataset, train: datasets.Dataset, name: str,
+                   where: str | os.PathLike, allow: bool) -> None:
+    """A held-out set that repeats training pairs would reward memorising them."""
+    shared = _pair_keys(held_out).keys() & _pair_keys(train).keys()
+    if shared and not allow:
+        example = _pair_keys(held_out)[next(iter(sorted(shared, key=str)))]
+        raise DataError(f"{where}: {len(shared)} of its {len(held_out)} pairs are also training "
+                        f"pairs (e.g. id '{example}'); a {name} set should be disjoint from "
+                        "training. Remove them, or pass --allow-overlap to use it anyway")
 
 
 def data_summary(data: PreparedData) -> dict[str, Any]:
@@ -100,7 +147,9 @@ def data_summary(data: PreparedData) -> dict[str, Any]:
             "kept": report.kept, "skipped": len(report.skipped),
             "skipped_by_reason": report.by_reason(), "sizes": data.sizes(),
             "train_fingerprint": data.fingerprint,
-            "source_fingerprint": data.source_fingerprint}
+            "source_fingerprint": data.source_fingerprint, "origins": dict(data.origins),
+            "held_out": {name: {k: v for k, v in r.to_dict().items() if k != "skipped"}
+                         for name, r in data.held_out_reports.items()}}
 
 
 def truncation(model: RewardModel, data: PreparedData) -> dict[str, Truncation]:
@@ -261,6 +310,7 @@ def score_pairs(
     *,
     model_config: RewardModelConfig | None = None,
     train_config: TrainConfig | None = None,
+    ensemble: EnsembleConfig | None = None,
     target_column: str | None = None,
     output: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
@@ -271,9 +321,11 @@ def score_pairs(
     """Score every training pair of ``data`` against its validation split.
 
     ``model`` is a trained :class:`RewardModel`, a saved model directory, or ``None`` to train
-    one first with ``model_config``/``train_config``. With ``output`` the table and sidecar are
-    written there; intermediate shards go to ``work_dir`` (default: ``<output>.work``) so that
-    an interrupted run, started again, resumes. Outputs are checked before any work starts.
+    one first with ``model_config``/``train_config``. An ``ensemble`` trains its other members
+    (and ``oof`` its fold models) with the same settings: those of ``train_config``, else the
+    ones the saved model records. With ``output`` the table and sidecar are written there;
+    intermediate shards go to ``work_dir`` (default: ``<output>.work``) so that an interrupted
+    run, started again, resumes. Outputs are checked before any work starts.
     """
     model_path = None if model is None or isinstance(model, RewardModel) else Path(model)
     if output is not None:
@@ -294,10 +346,15 @@ def score_pairs(
     _warn_if_other_data(model, data)
     if work_dir is not None and distributed.is_main_process():
         claim_folder(work_dir, "score-work", resume=True)
-    result = compute_scores(model, data.splits["train"], targets, influence_config,
-                            work_dir=work_dir, progress=progress)
+    recorded = model.metadata.get("train_config")
+    result = score_training_pairs(
+        model, data.splits["train"], targets, influence_config or InfluenceConfig(),
+        ensemble=ensemble, model_config=model.config,
+        train_config=train_config or (TrainConfig.from_dict(recorded) if recorded else None),
+        cache=model.layer_cache, work_dir=work_dir, progress=progress)
     result.metadata["source"] = data.source
     result.metadata["source_fingerprint"] = data.source_fingerprint
+    result.metadata["influence_target"] = data.origins.get("validation")
     result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
     if trained is not None:
         result.metadata["model_metrics"] = metrics_dict(trained.metrics)

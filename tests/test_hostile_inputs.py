@@ -397,7 +397,7 @@ def test_18_a_truncated_shard_is_recomputed(world, tmp_path):
             "--shard-size", "16", "--quiet")
     assert run_cli(*args).exit_code == 0
     first = pd.read_parquet(out)
-    shard = sorted(tmp_path.glob("scores.parquet.work/*/grads-*.safetensors"))[1]
+    shard = sorted(tmp_path.glob("scores.parquet.work/**/grads-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:50])
     again = run_cli(*args, "--overwrite", "--json")
     assert again.exit_code == 0, again.output

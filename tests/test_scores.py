@@ -24,8 +24,8 @@ from helpers import pairs, tiny_scoring_model
 from torch.func import functional_call
 
 from prefprune.errors import InfluenceError, NegativeCurvatureError
-from prefprune.influence import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
-from prefprune.influence.config import DEFAULT_DAMPING
+from prefprune.influence import InfluenceConfig, ScoreResult, compute_scores
+from prefprune.influence.config import DEFAULT_DAMPING, ENGINE_SCORES
 from prefprune.influence.curvature import CachedGaussNewton
 from prefprune.influence.dual import dual_quadratic, dual_solve
 from prefprune.model import RewardModel, RewardModelConfig, gauss_newton_weights
@@ -162,7 +162,7 @@ def test_table_layout(default_run, data):
     table = default_run.table
     assert len(table) == N_TRAIN
     assert table["id"].tolist() == train["id"]
-    for score in ALL_SCORES:
+    for score in ENGINE_SCORES:
         values = table[score].to_numpy()
         assert np.isfinite(values).all()
         ranks = table[f"rank_{score}"].to_numpy()
@@ -329,7 +329,7 @@ def test_negative_curvature_can_raise(model, data, truth):
 @pytest.mark.parametrize("budget", [1e6, 0.0])
 def test_resume_recomputes_only_missing_shards(model, data, tmp_path, budget):
     train, validation = data
-    scores = ("if", "flip", "grad_dot", "loss") if budget == 0 else ALL_SCORES
+    scores = ("if", "flip", "grad_dot", "loss") if budget == 0 else ENGINE_SCORES
     config = InfluenceConfig(scores=scores, shard_size=5, score_batch_size=3,
                              memory_budget_mb=budget)
     first = compute_scores(model, train, validation, config, work_dir=tmp_path, progress=False)

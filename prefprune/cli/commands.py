@@ -24,6 +24,7 @@ from prefprune.cli import render
 from prefprune.cli.options import OptionGroup, apply, with_options
 from prefprune.cli.render import fail, print_json, stdout
 from prefprune.data import DataOptions, load_preferences
+from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import Experiment, ExperimentConfig, demo_config
 from prefprune.influence import InfluenceConfig
@@ -94,6 +95,11 @@ app.add_typer(data_app, name="data")
 # --- option groups and common flags --------------------------------------------------------------
 
 DATA = OptionGroup("data_options", DataOptions, "Data options")
+_HELD_OUT_FIELDS = frozenset({"format", "columns", "hub_config", "hub_split", "hub"})
+VALIDATION = OptionGroup("validation_options", DataOptions, "Validation target options",
+                         only=_HELD_OUT_FIELDS, prefix="validation")
+TEST = OptionGroup("test_options", DataOptions, "Test set options", only=_HELD_OUT_FIELDS,
+                   prefix="test")
 MODEL = OptionGroup("model_config", RewardModelConfig, "Model options")
 TOKENIZER = OptionGroup("model_config", RewardModelConfig, "Model options",
                         only=frozenset({"backbone", "max_length", "trust_remote_code"}))
@@ -103,6 +109,7 @@ INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options"
 _EXPERIMENT_DEFAULTS = ExperimentConfig()
 EXPERIMENT = OptionGroup("experiment_values", ExperimentConfig, "Experiment options",
                          defaults=_EXPERIMENT_DEFAULTS)
+ENSEMBLE = OptionGroup("ensemble_config", EnsembleConfig, "Ensemble options", prefix="ensemble")
 EXPERIMENT_TRAIN = OptionGroup("train_config", TrainConfig, "Training options",
                                exclude=frozenset({"seed"}))
 EXPERIMENT_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
@@ -118,6 +125,16 @@ OverwriteFlag = Annotated[bool, typer.Option(
 DataArg = Annotated[str | None, typer.Argument(
     help="Preference data: a file (.jsonl, .jsonl.gz, .json, .csv, .parquet), a saved dataset "
          "directory or a hub dataset name. Omitted: the embedded synthetic set.")]
+ValidationArg = Annotated[str | None, typer.Option(
+    help="A separate validation source (any layout prefprune reads, with its own "
+         "--validation-* options) used as the influence target instead of DATA's validation "
+         "split: e.g. a small expert-labelled set.", rich_help_panel="Validation target options")]
+TestArg = Annotated[str | None, typer.Option(
+    help="A separate test source (its own --test-* options) instead of DATA's test split.",
+    rich_help_panel="Test set options")]
+OverlapFlag = Annotated[bool, typer.Option(
+    "--allow-overlap", rich_help_panel="Validation target options",
+    help="Use a --validation or --test source even if it shares pairs with the training split.")]
 TrustFlag = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow custom model code from the model's or backbone's "
                                 "repository to run (never enabled by a file).")]
@@ -225,15 +242,19 @@ def evaluate_command(
 
 
 @app.command("score")
-@with_options(DATA, MODEL, TRAIN, INFLUENCE)
+@with_options(DATA, VALIDATION, MODEL, TRAIN, INFLUENCE, ENSEMBLE)
 def score_command(
     output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
                                               "with the run's metadata is written beside it.")],
     data_options: dict[str, Any],
+    validation_options: dict[str, Any],
     model_config: dict[str, Any],
     train_config: dict[str, Any],
     influence_config: dict[str, Any],
+    ensemble_config: dict[str, Any],
     data: DataArg = None,
+    validation: ValidationArg = None,
+    allow_overlap: OverlapFlag = False,
     model: Annotated[Path | None, typer.Option(
         help="A trained reward model directory. Omitted: train one first with the model and "
              "training options.")] = None,
@@ -252,10 +273,15 @@ def score_command(
     _device(train.device)
     seed = recorded_seed(model) if model is not None else train.seed
     influence = apply(INFLUENCE.build(influence_config), {"seed": seed})
-    prepared = prepare_data(data, seed=seed, **_data(data_options).kwargs())
+    prepared = prepare_data(data, seed=seed, **_data(data_options).kwargs(),
+                            validation=validation,
+                            validation_options=VALIDATION.build(validation_options),
+                            allow_overlap=allow_overlap)
     model_settings = MODEL.build(model_config)
     outcome = score_pairs(prepared, model, influence, model_config=model_settings,
-                          train_config=train, target_column=target_column, output=output,
+                          train_config=None if model is not None else train,
+                          ensemble=ENSEMBLE.build(ensemble_config),
+                          target_column=target_column, output=output,
                           work_dir=work_dir, overwrite=overwrite, progress=not quiet,
                           trust_remote_code=model_settings.trust_remote_code)
     if not distributed.is_main_process():
@@ -319,32 +345,41 @@ def prune_command(
     stdout.print(affected)
 
 
-def experiment_config(config: Path | None, data: str | None, values: dict[str, dict[str, Any]]
-                      ) -> ExperimentConfig:
+def experiment_config(config: Path | None, sources: dict[str, str | None],
+                      values: dict[str, dict[str, Any]]) -> ExperimentConfig:
     """The YAML file (when given, else the defaults) with the typed flags on top."""
     base = ExperimentConfig.from_yaml(config) if config is not None else _EXPERIMENT_DEFAULTS
-    typed = EXPERIMENT.typed(values["experiment_values"])
-    if data is not None:
-        typed["data"] = data
+    typed: dict[str, Any] = EXPERIMENT.typed(values["experiment_values"])
+    typed.update({name: path for name, path in sources.items() if path is not None})
     typed["data_options"] = apply(base.data_options, DATA.typed(values["data_options"]))
+    for name, group in (("validation_options", VALIDATION), ("test_options", TEST)):
+        typed[name] = apply(getattr(base, name), group.typed(values[name]), group.prefix)
     typed["model"] = apply(base.model, MODEL.typed(values["model_config"]))
     typed["train"] = apply(base.train, EXPERIMENT_TRAIN.typed(values["train_config"]))
     typed["influence"] = apply(base.influence,
                                EXPERIMENT_INFLUENCE.typed(values["influence_config"]))
+    typed["ensemble"] = apply(base.ensemble, ENSEMBLE.typed(values["ensemble_config"]),
+                              ENSEMBLE.prefix)
     return apply(base, typed)  # type: ignore[return-value]
 
 
 @app.command("experiment")
-@with_options(DATA, MODEL, EXPERIMENT_TRAIN, EXPERIMENT_INFLUENCE, EXPERIMENT)
+@with_options(DATA, VALIDATION, TEST, MODEL, EXPERIMENT_TRAIN, EXPERIMENT_INFLUENCE, ENSEMBLE,
+              EXPERIMENT)
 def experiment_command(
     output: Annotated[Path, typer.Option(help="Folder for config.yaml, models, scores, runs, "
                                               "results.json and the report; rerun to resume.")],
     data_options: dict[str, Any],
+    validation_options: dict[str, Any],
+    test_options: dict[str, Any],
     model_config: dict[str, Any],
     train_config: dict[str, Any],
     influence_config: dict[str, Any],
+    ensemble_config: dict[str, Any],
     experiment_values: dict[str, Any],
     data: DataArg = None,
+    validation: ValidationArg = None,
+    test: TestArg = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
         exists=True, dir_okay=False)] = None,
@@ -354,10 +389,12 @@ def experiment_command(
 ) -> None:
     """Train, score, prune the top-f pairs per method, retrain and compare, over several
     seeds; write results.json, report.md and report.html."""
-    settings = experiment_config(config, data, {
-        "data_options": data_options, "model_config": model_config,
+    settings = experiment_config(config, {"data": data, "validation": validation,
+                                          "test": test}, {
+        "data_options": data_options, "validation_options": validation_options,
+        "test_options": test_options, "model_config": model_config,
         "train_config": train_config, "influence_config": influence_config,
-        "experiment_values": experiment_values})
+        "ensemble_config": ensemble_config, "experiment_values": experiment_values})
     _device(settings.train.device)
     result = Experiment(settings, output, progress=not quiet, overwrite=overwrite,
                         on_run=None if quiet or json_output else _print_run).run()

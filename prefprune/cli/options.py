@@ -33,7 +33,8 @@ class OptionGroup:
     """The CLI options of one config class; the command receives the built config as ``name``.
 
     ``only``/``exclude`` pick fields; ``defaults`` is the instance whose values the help shows
-    and the build starts from (the class defaults when not given).
+    and the build starts from (the class defaults when not given). ``prefix`` names a second
+    copy of a group (``--validation-format`` beside ``--format``).
     """
 
     name: str
@@ -42,6 +43,7 @@ class OptionGroup:
     only: frozenset[str] | None = None
     exclude: frozenset[str] = frozenset()
     defaults: Settings | None = None
+    prefix: str = ""
     fields: tuple[dataclasses.Field, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,35 +58,40 @@ class OptionGroup:
 
     def parameters(self) -> list[inspect.Parameter]:
         hints = typing.get_type_hints(self.settings)
-        return [_parameter(f, hints[f.name], getattr(self.base, f.name), self.panel)
-                for f in self.fields]
+        return [_parameter(f, hints[f.name], getattr(self.base, f.name), self.panel,
+                           self.prefix) for f in self.fields]
 
     def typed(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The values the user typed, parsed into the field types."""
         hints = typing.get_type_hints(self.settings)
-        return {f.name: _parse(values[_param(f)], hints[f.name], f)
-                for f in self.fields if values.get(_param(f)) is not None}
+        return {f.name: _parse(values[_param(f, self.prefix)], hints[f.name], f, self.prefix)
+                for f in self.fields if values.get(_param(f, self.prefix)) is not None}
 
     def build(self, values: Mapping[str, Any], base: Settings | None = None) -> Settings:
         """The config: ``base`` (or the defaults) with the typed values on top."""
-        return apply(base if base is not None else self.base, self.typed(values))
+        return apply(base if base is not None else self.base, self.typed(values), self.prefix)
 
 
-def apply(base: Settings, typed: Mapping[str, Any]) -> Settings:
+def apply(base: Settings, typed: Mapping[str, Any], prefix: str = "") -> Settings:
     """``base`` with ``typed`` values; an invalid value is a usage error naming its flag."""
     try:
         return base.replace(**typed)
     except ConfigError as exc:
         name = exc.field.split(".")[0].split("[")[0]
-        raise typer.BadParameter(exc.problem, param_hint=flag_of(name)) from None
+        raise typer.BadParameter(exc.problem, param_hint=flag_of(name, prefix)) from None
 
 
-def flag_of(name: str) -> str:
-    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
+def flag_of(name: str, prefix: str = "") -> str:
+    return "--" + _param_name(name, prefix).replace("_", "-")
 
 
-def _param(f: dataclasses.Field) -> str:
-    return FLAG_NAMES.get(f.name, f.name)
+def _param_name(name: str, prefix: str) -> str:
+    name = FLAG_NAMES.get(name, name)
+    return f"{prefix}_{name}" if prefix else name
+
+
+def _param(f: dataclasses.Field, prefix: str = "") -> str:
+    return _param_name(f.name, prefix)
 
 
 def _inner(annotation: Any) -> tuple[Any, bool]:
@@ -96,8 +103,8 @@ def _inner(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _parameter(f: dataclasses.Field, annotation: Any, default: Any,
-               panel: str) -> inspect.Parameter:
+def _parameter(f: dataclasses.Field, annotation: Any, default: Any, panel: str,
+               prefix: str) -> inspect.Parameter:
     meta = f.metadata
     kind, _ = _inner(annotation)
     help_text = meta["help"]
@@ -107,7 +114,7 @@ def _parameter(f: dataclasses.Field, annotation: Any, default: Any,
                             "show_default": _shown(default)}
     if meta.get("metavar"):
         info["metavar"] = meta["metavar"]
-    flag = flag_of(f.name)
+    flag = flag_of(f.name, prefix)
     if kind is bool:
         decls: tuple[str, ...] = (f"{flag}/--no-{flag[2:]}",)
         cli_type: Any = bool | None
@@ -121,7 +128,7 @@ def _parameter(f: dataclasses.Field, annotation: Any, default: Any,
             if meta.get(bound) is not None and kind in (int, float):
                 info[bound] = kind(meta[bound])
     option = typer.Option(*decls, **info)
-    return inspect.Parameter(_param(f), inspect.Parameter.KEYWORD_ONLY, default=None,
+    return inspect.Parameter(_param(f, prefix), inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[cli_type, option])
 
 
@@ -137,32 +144,33 @@ def _shown(default: Any) -> str | bool:
     return str(default)
 
 
-def _parse(value: Any, annotation: Any, f: dataclasses.Field) -> Any:
+def _parse(value: Any, annotation: Any, f: dataclasses.Field, prefix: str) -> Any:
     """A typed CLI value as the field's type: comma lists for tuples, ``KEY=VALUE`` pairs for
     mappings; scalars arrive already converted by click."""
     kind, _ = _inner(annotation)
     if typing.get_origin(kind) is tuple:
-        return _parse_list(value, typing.get_args(kind), f)
+        return _parse_list(value, typing.get_args(kind), flag_of(f.name, prefix))
     if typing.get_origin(kind) is dict or kind is dict:
-        return _parse_mapping(value, f)
+        return _parse_mapping(value, f, flag_of(f.name, prefix))
     return value
 
 
-def _parse_list(value: str, args: tuple, f: dataclasses.Field) -> tuple:
+def _parse_list(value: str, args: tuple, flag: str) -> tuple:
     items = [item.strip() for item in value.split(",") if item.strip()]
     element = args[0]
     if not items:
         raise typer.BadParameter("expected a comma-separated list, got nothing",
-                                 param_hint=flag_of(f.name))
+                                 param_hint=flag)
     try:
         return tuple(element(item) if element in (int, float) else item for item in items)
     except ValueError:
         noun = "integers" if element is int else "numbers"
         raise typer.BadParameter(f"expected comma-separated {noun}, got '{value}'",
-                                 param_hint=flag_of(f.name)) from None
+                                 param_hint=flag) from None
 
 
-def _parse_mapping(values: Iterable[str], f: dataclasses.Field) -> dict[str, str]:
+def _parse_mapping(values: Iterable[str], f: dataclasses.Field,
+                   flag: str) -> dict[str, str]:
     """``["prompt=question", ...]`` -> ``{"prompt": "question"}``; bad syntax is a usage error."""
     mapping: dict[str, str] = {}
     for value in values:
@@ -170,9 +178,9 @@ def _parse_mapping(values: Iterable[str], f: dataclasses.Field) -> dict[str, str
         if not sep or not key or not target:
             raise typer.BadParameter(f"expected {f.metadata.get('metavar') or 'KEY=VALUE'} "
                                      f"(e.g. prompt=question), got '{value}'",
-                                     param_hint=flag_of(f.name))
+                                     param_hint=flag)
         if key in mapping:
-            raise typer.BadParameter(f"'{key}' is mapped twice", param_hint=flag_of(f.name))
+            raise typer.BadParameter(f"'{key}' is mapped twice", param_hint=flag)
         mapping[key] = target
     return mapping
 

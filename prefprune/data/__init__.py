@@ -7,7 +7,13 @@ from prefprune.data.loader import LoadResult, load_preferences
 from prefprune.data.options import FORMATS, DataOptions
 from prefprune.data.report import IngestionReport, SkippedRow
 from prefprune.data.splits import fingerprint, split_preferences
-from prefprune.data.synthetic import GENERATOR_VERSION, default_dataset_path, generate_synthetic
+from prefprune.data.synthetic import (
+    GENERATOR_VERSION,
+    default_dataset_path,
+    default_expert_validation_path,
+    expert_validation,
+    generate_synthetic,
+)
 from prefprune.errors import DataError
 
 __all__ = [
@@ -19,6 +25,8 @@ __all__ = [
     "LoadResult",
     "SkippedRow",
     "default_dataset_path",
+    "default_expert_validation_path",
+    "expert_validation",
     "fingerprint",
     "generate_synthetic",
     "load_preferences",

@@ -256,3 +256,30 @@ def default_dataset_path(seed: int = 0) -> Path:
     if not path.exists():
         generate_synthetic(path, seed=seed)
     return path
+
+
+def expert_validation(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Write the ``valid1`` comparisons of a synthetic file relabelled by the generator's truth:
+    the small expert-labelled set a user would bring as a trusted influence target.
+
+    The pairs are those of the source's validation split, so a run can compare the noisy
+    target (labels from the same simulated annotators as training) with this trusted one.
+    """
+    lines = []
+    for line in Path(source).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("split") != "valid1":
+            continue
+        truth = record["extra"]["true_choice"]
+        record.update(choice=truth, worker="expert",
+                      extra={**record["extra"], "label_flipped": False, "worker_kind": "expert"})
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return write_text_atomic(Path(path), "\n".join(lines) + "\n")
+
+
+def default_expert_validation_path(seed: int = 0) -> Path:
+    """The expert-labelled validation set of :func:`default_dataset_path` (same cache)."""
+    path = cache_dir() / f"synthetic-tldr-v{GENERATOR_VERSION}-seed{seed}-expert-valid1.jsonl"
+    if not path.exists():
+        expert_validation(default_dataset_path(seed), path)
+    return path

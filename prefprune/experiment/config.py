@@ -10,8 +10,9 @@ import yaml
 
 from prefprune.config import Settings, setting
 from prefprune.data.options import DataOptions
+from prefprune.ensemble import SUFFIX, EnsembleConfig, ensembled
 from prefprune.errors import ConfigError, ExperimentConfigError
-from prefprune.influence.config import InfluenceConfig
+from prefprune.influence.config import ENGINE_SCORES, InfluenceConfig
 from prefprune.model.config import RewardModelConfig
 from prefprune.training import TrainConfig
 
@@ -35,6 +36,17 @@ class ExperimentConfig(Settings):
                                                      "embedded synthetic set).")
     data_options: DataOptions = setting(default_factory=DataOptions, cli=False,
                                         help="How to read the data.")
+    validation: str | None = setting(
+        None, cli=False, help="A separate validation source: the influence target (e.g. a "
+                              "small expert-labelled set). Default: the data's validation split.")
+    validation_options: DataOptions = setting(default_factory=DataOptions, cli=False,
+                                              help="How to read the validation source.")
+    test: str | None = setting(None, cli=False, help="A separate test source: what every "
+                                                     "retrain is measured on.")
+    test_options: DataOptions = setting(default_factory=DataOptions, cli=False,
+                                        help="How to read the test source.")
+    allow_overlap: bool = setting(False, help="Use a validation or test source even if it "
+                                              "shares pairs with the training split.")
     split_fractions: tuple[float, float, float] = setting(
         (0.6, 0.15, 0.25), min=0.0, max=1.0, metavar="TRAIN,VAL,TEST",
         help="Train/validation/test shares for data without source splits.")
@@ -58,7 +70,13 @@ class ExperimentConfig(Settings):
                                  help="Training settings (the seed comes from seeds).")
     influence: InfluenceConfig = setting(
         default_factory=lambda: InfluenceConfig(scores=DEFAULT_METHODS), cli=False,
-        help="Scoring settings; influence.scores are the methods compared.")
+        help="Scoring settings; influence.scores are computed for every replicate.")
+    ensemble: EnsembleConfig = setting(default_factory=EnsembleConfig, cli=False,
+                                       help="Combine several models' scores per pair.")
+    prune_by: tuple[str, ...] | None = setting(
+        None, metavar="COLUMNS",
+        help="Score columns whose top pairs are removed and retrained without (e.g. "
+             "if,if_ens,oof,random). Default: every score computed.")
 
     def validate(self) -> None:
         if not self.seeds:
@@ -69,11 +87,31 @@ class ExperimentConfig(Settings):
             raise ConfigError("fractions", "must list at least one fraction")
         if abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
+        unknown = sorted(set(self.prune_by or ()) - set(self.score_columns()))
+        if unknown:
+            raise ConfigError("prune_by", f"{unknown} would not be computed; the scores are "
+                                          f"{', '.join(self.score_columns())}")
+
+    def score_columns(self) -> tuple[str, ...]:
+        """The score columns a replicate's table will have: each requested score, and the
+        ensemble's combination of every engine score but the random control."""
+        columns = list(self.influence.scores)
+        if self.ensemble.enabled:
+            columns += [f"{s}{SUFFIX}" for s in ensembled(self.influence.scores)
+                        if s in ENGINE_SCORES]
+        return tuple(columns)
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The scores compared (``influence.scores``)."""
-        return self.influence.scores
+        """The score columns compared: ``prune_by``, or every score computed."""
+        return self.prune_by or self.score_columns()
+
+    def data_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of :func:`~prefprune.pipeline.prepare_data` for this experiment."""
+        return {**self.data_options.kwargs(), "fractions": self.split_fractions,
+                "seed": self.split_seed, "validation": self.validation,
+                "validation_options": self.validation_options, "test": self.test,
+                "test_options": self.test_options, "allow_overlap": self.allow_overlap}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -35,11 +35,12 @@ from prefprune.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from prefprune.influence.engine import compute_scores
+from prefprune.influence.results import sidecar_of
 from prefprune.model import FrozenLayerCache, RewardModel
 from prefprune.pipeline import PreparedData, data_summary, prepare_data, truncation
 from prefprune.progress import progress_bar
 from prefprune.pruning import inject_flips, relabel_pairs, remove_pairs, select
+from prefprune.scoring import score_training_pairs
 from prefprune.training import evaluate, train_reward_model
 
 CONFIG_FILE = "config.yaml"
@@ -104,12 +105,11 @@ class Experiment:
     def run(self) -> ExperimentResult:
         start = time.perf_counter()
         check_folder(self.output, "experiment", resume=True, overwrite=self.overwrite,
-                     inputs=[self.config.data])
-        data = prepare_data(self.config.data, **self.config.data_options.kwargs(),
-                            fractions=self.config.split_fractions, seed=self.config.split_seed)
+                     inputs=[self.config.data, self.config.validation, self.config.test])
+        data = prepare_data(self.config.data, **self.config.data_kwargs())
         self._check_splits(data)
         self._claim_output(data)
-        runs, detection, tables, texts = [], {}, {}, {}
+        runs, detection, tables, texts, agreement = [], {}, {}, {}, {}
         summary = data_summary(data)
         arms = {seed: arms_of(self.config, seed) for seed in self.config.seeds}
         total = sum(len(a) + 1 for a in arms.values())
@@ -121,15 +121,18 @@ class Experiment:
                                                   truncation(model, data).items()})
                 runs.append(base)
                 advance(1)
-                table = self._scores(seed, model, train, data)
+                table, meta = self._scores(seed, model, train, data)
                 tables[seed], texts[seed] = table, train
+                if "ensemble" in meta:
+                    agreement[str(seed)] = meta["ensemble"]["agreement"]
                 if "label_flipped" in table:
                     detection[str(seed)] = detect(table, self.config.methods)
                 for arm in arms[seed]:
                     runs.append(self._retrain(arm, train, table, data))
                     advance(1)
-        result = ExperimentResult(self.config, runs, detection, summarise(runs, detection),
-                                  summary, tables, texts, time.perf_counter() - start)
+        result = ExperimentResult(self.config, runs, detection,
+                                  summarise(runs, detection, agreement), summary, tables, texts,
+                                  time.perf_counter() - start)
         write_json_atomic(self.output / RESULTS_FILE, result.to_dict())
         return result
 
@@ -217,16 +220,18 @@ class Experiment:
         return record
 
     def _scores(self, seed: int, model: RewardModel, train: datasets.Dataset,
-                data: PreparedData) -> pd.DataFrame:
+                data: PreparedData) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The replicate's score table and its sidecar: computed, or loaded when saved."""
         path = self.output / "scores" / f"seed{seed}.parquet"
         if path.exists():
-            return pd.read_parquet(path)
-        config = self.config.influence.replace(seed=seed)
-        result = compute_scores(model, train, data.splits["validation"], config,
-                                work_dir=path.with_name(path.name + ".work"),
-                                progress=self.progress)
+            return pd.read_parquet(path), json.loads(sidecar_of(path).read_text())
+        result = score_training_pairs(
+            model, train, data.splits["validation"], self.config.influence.replace(seed=seed),
+            ensemble=self.config.ensemble, model_config=self.config.model,
+            train_config=self.config.train.replace(seed=seed), cache=self.cache,
+            work_dir=path.with_name(path.name + ".work"), progress=self.progress)
         result.save(path)
-        return result.table
+        return result.table, result.metadata
 
     def _retrain(self, arm: Arm, train: datasets.Dataset, table: pd.DataFrame,
                  data: PreparedData) -> RunRecord:

@@ -46,9 +46,12 @@ def _shapes(runs: list[RunRecord]) -> list[tuple[str | None, float, str, str]]:
 
 
 def summarise(runs: list[RunRecord],
-              detection: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
+              detection: Mapping[str, Mapping[str, Mapping[str, float]]],
+              agreement: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None
+              ) -> dict[str, Any]:
     """Mean and 95% interval per arm, paired differences against no pruning and against
-    random pruning of the same size and kind, and detection metrics averaged over seeds."""
+    random pruning of the same size and kind, and detection metrics and ensemble agreement
+    averaged over seeds."""
     index = {r.arm: r for r in runs}
     seeds = sorted({r.arm.seed for r in runs})
     baseline = [index[Arm(s)].test_accuracy for s in seeds if Arm(s) in index]
@@ -69,12 +72,13 @@ def summarise(runs: list[RunRecord],
                 a - c.test_accuracy for a, c in zip(acc, controls))
         arms.append(entry)
     return {"baseline": {"test_accuracy": mean_interval(baseline), "seeds": seeds},
-            "arms": arms, "detection": mean_detection(detection)}
+            "arms": arms, "detection": mean_detection(detection),
+            "agreement": mean_detection(agreement or {})}
 
 
 def mean_detection(detection: Mapping[str, Mapping[str, Mapping[str, float]]]
                    ) -> dict[str, dict[str, Any]]:
-    """Per score and metric: the mean and interval over seeds (``detection[seed][score]``)."""
+    """Per score and metric: the mean and interval over seeds (``values[seed][score]``)."""
     out: dict[str, dict[str, list[float]]] = {}
     for per_seed in detection.values():
         for method, metrics in per_seed.items():

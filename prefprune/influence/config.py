@@ -8,9 +8,13 @@ from typing import ClassVar
 from prefprune.config import Settings, setting
 from prefprune.errors import InfluenceConfigError
 
-#: Every score the engine computes; each is a harm (larger = more harmful).
-ALL_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
-DEFAULT_SCORES = ALL_SCORES
+#: Every score the engine computes from one model; each is a harm (larger = more harmful).
+ENGINE_SCORES = ("if", "flip", "grad_dot", "grad_cos", "self_influence", "loss", "random")
+#: Scores that retrain: the out-of-fold loss (prefprune.crossfit).
+CROSSFIT_SCORES = ("oof",)
+ALL_SCORES = ENGINE_SCORES + CROSSFIT_SCORES
+#: Computed unless told otherwise; the out-of-fold loss costs K trainings, so it is opt-in.
+DEFAULT_SCORES = ENGINE_SCORES
 #: Scores that need an inverse-Hessian solve.
 CURVATURE_SCORES = frozenset({"if", "flip"})
 #: Scores that depend on the validation target (one column per target).
@@ -72,6 +76,8 @@ class InfluenceConfig(Settings):
         2048.0, min=0.0, identity=False,
         help="RAM for cached per-pair gradients (per process); past it scoring streams.")
     seed: int = setting(0, help="Seeds the random score, subsampling and projection.")
+    oof_folds: int = setting(5, min=2, help="Folds of the out-of-fold loss score (oof): K "
+                                            "models, each trained on K-1 folds.")
     gradient_mode: str = setting(
         "hooks", choices=("hooks", "loop"),
         help="hooks (one backward per batch) or loop (one backward per pair: slow, for models "

@@ -64,7 +64,7 @@ def resolve_damping(damping: float, *, relative: bool, scale: float) -> float:
     curvature scale, e.g. :func:`curvature_scale` (the mean eigenvalue ``trace(H)/dim``).
 
     The engine's default (``InfluenceConfig.damping``) is relative, with the scale taken as
-    the mean non-zero Gauss–Newton eigenvalue; see :mod:`prefprune.influence.scores`.
+    the mean non-zero Gauss–Newton eigenvalue; see :mod:`prefprune.influence.config`.
     """
     _check_damping(damping)
     if not relative:
