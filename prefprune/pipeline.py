@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import datasets
 
 from prefprune import distributed
+from prefprune.checkpoints import CheckpointCapture
 from prefprune.data import (
     DataOptions,
     IngestionReport,
@@ -37,6 +38,7 @@ from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Trunc
 from prefprune.model.loading import read_json
 from prefprune.scoring import score_training_pairs
 from prefprune.training import (
+    Capture,
     EvalResult,
     TrainConfig,
     TrainResult,
@@ -168,6 +170,7 @@ class TrainOutcome:
     data: PreparedData
     seconds: float
     truncation: dict[str, Truncation]
+    capture: Capture | None = None
 
 
 def train_and_evaluate(
@@ -178,12 +181,15 @@ def train_and_evaluate(
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    capture: Callable[[RewardModel], Capture] | None = None,
 ) -> TrainOutcome:
     """Train a fresh reward model (seeded by ``train_config.seed``) on the train split and
     evaluate it on every non-empty held-out split; save it to ``output`` when given.
 
     ``output`` is checked before training starts: it must be a new or empty folder, or (with
-    ``overwrite``) a reward model prefprune saved, and must not hold the data. The saved
+    ``overwrite``) a reward model prefprune saved, and must not hold the data. ``capture``
+    builds, from the new model, what takes per-pair gradients while it trains (a checkpoint
+    ensemble); it is kept in the outcome. The saved
     metadata records the training settings, the train fingerprint and the metrics, so that a
     model directory says on its own what it was trained on and how well it did.
     """
@@ -194,10 +200,13 @@ def train_and_evaluate(
     start = time.perf_counter()
     model = RewardModel.create(model_config, seed=train_config.seed)
     cuts = truncation(model, data)
-    result = train_reward_model(model, data.splits["train"], train_config, progress=progress)
+    taken = capture(model) if capture is not None else None
+    result = train_reward_model(model, data.splits["train"], train_config, progress=progress,
+                                capture=taken)
     metrics = {name: evaluate(model, data.splits[name], progress=progress)
                for name in EVAL_SPLITS if len(data.splits[name])}
-    outcome = TrainOutcome(model, result, metrics, data, time.perf_counter() - start, cuts)
+    outcome = TrainOutcome(model, result, metrics, data, time.perf_counter() - start, cuts,
+                           taken)
     if output is not None:
         if distributed.is_main_process():  # under torchrun every rank holds the same model
             save_outcome(outcome, train_config, Path(output), overwrite=overwrite)
@@ -335,9 +344,17 @@ def score_pairs(
     if work_dir is not None:
         check_folder(work_dir, "score-work", resume=True, inputs=[data.source, model_path])
     targets = validation_targets(data, target_column)
+    influence_config = influence_config or InfluenceConfig()
+    ensemble = ensemble or EnsembleConfig()
+    checkpoints = ensemble.enabled and ensemble.kind == "checkpoints"
     trained = None
     if model is None:
-        trained = train_and_evaluate(data, model_config, train_config, progress=progress)
+        epochs = (train_config or TrainConfig()).epochs
+        capture = (lambda new: CheckpointCapture(
+            new, data.splits["train"], targets, influence_config, members=ensemble.members,
+            epochs=epochs, progress=progress)) if checkpoints else None
+        trained = train_and_evaluate(data, model_config, train_config, progress=progress,
+                                     capture=capture)
         model = trained.model
     elif model_path is not None:
         cache_mb = (model_config or RewardModelConfig()).layer_cache_mb
@@ -348,10 +365,11 @@ def score_pairs(
         claim_folder(work_dir, "score-work", resume=True)
     recorded = model.metadata.get("train_config")
     result = score_training_pairs(
-        model, data.splits["train"], targets, influence_config or InfluenceConfig(),
+        model, data.splits["train"], targets, influence_config,
         ensemble=ensemble, model_config=model.config,
         train_config=train_config or (TrainConfig.from_dict(recorded) if recorded else None),
-        cache=model.layer_cache, work_dir=work_dir, progress=progress)
+        cache=model.layer_cache, work_dir=work_dir, progress=progress,
+        checkpoints=trained.capture.tables if trained and trained.capture else None)
     result.metadata["source"] = data.source
     result.metadata["source_fingerprint"] = data.source_fingerprint
     result.metadata["influence_target"] = data.origins.get("validation")

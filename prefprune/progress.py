@@ -27,6 +27,25 @@ def _noop(_: int = 1) -> None:
 
 
 @contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' own bars (e.g. "Flattening the indices") for a block: they are
+    internal steps, not progress a user waits on, and they break ``--quiet``."""
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+@contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True) -> Iterator[Advance]:
     """Yield ``advance(n)``; draw a rich bar with elapsed and remaining time when enabled."""
     if not enabled:

@@ -32,6 +32,7 @@ from prefprune.files import (
 )
 from prefprune.influence import ALL_SCORES
 from prefprune.influence.results import sidecar_of
+from prefprune.progress import quiet_datasets
 
 DIRECTIONS = ("harmful", "helpful")
 
@@ -108,10 +109,11 @@ def relabel_pairs(dataset: datasets.Dataset, ids: Iterable[str]) -> datasets.Dat
     if "label_flipped" in dataset.column_names:
         columns["label_flipped"] = [bool(f) != m for f, m in zip(dataset["label_flipped"], mask)]
     order = dataset.column_names
-    for name, values in columns.items():
-        dataset = dataset.remove_columns(name).add_column(
-            name, values, feature=dataset.features[name])
-    return dataset.select_columns(order)
+    with quiet_datasets():
+        for name, values in columns.items():
+            dataset = dataset.remove_columns(name).add_column(
+                name, values, feature=dataset.features[name])
+        return dataset.select_columns(order)
 
 
 def inject_flips(dataset: datasets.Dataset, share: float, seed: int) -> datasets.Dataset:
@@ -123,13 +125,15 @@ def inject_flips(dataset: datasets.Dataset, share: float, seed: int) -> datasets
     if not 0 <= share < 1:
         raise SelectionError(f"the injected flip share must be in [0, 1), got {share}")
     if "label_flipped" not in dataset.column_names:
-        dataset = dataset.add_column("label_flipped", [False] * len(dataset))
+        with quiet_datasets():
+            dataset = dataset.add_column("label_flipped", [False] * len(dataset))
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(dataset), size=round(share * len(dataset)), replace=False)
     ids = [dataset["id"][i] for i in sorted(chosen)]
     marked = set(ids)
     dataset = relabel_pairs(dataset, ids)
-    return dataset.add_column("injected_flip", [pid in marked for pid in dataset["id"]])
+    with quiet_datasets():
+        return dataset.add_column("injected_flip", [pid in marked for pid in dataset["id"]])
 
 
 @dataclass

@@ -17,6 +17,7 @@ import pandas as pd
 
 from prefprune.crossfit import out_of_fold_loss
 from prefprune.ensemble import EnsembleConfig, add_columns, combine, ensembled, member_seeds
+from prefprune.errors import InfluenceError
 from prefprune.influence import InfluenceConfig, ScoreResult, compute_scores
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, train_reward_model
@@ -34,11 +35,14 @@ def score_training_pairs(
     cache: FrozenLayerCache | None = None,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    checkpoints: list[pd.DataFrame] | None = None,
 ) -> ScoreResult:
     """Every requested score of every pair of ``train`` (see the module docstring).
 
     ``model`` was trained on ``train`` with ``train_config`` (its seed is the base seed);
-    ensemble members and fold models are trained the same way from ``model_config``.
+    seed-ensemble members and fold models are trained the same way from ``model_config``. A
+    checkpoint ensemble's members are the ``checkpoints`` tables its training captured
+    (:class:`~prefprune.checkpoints.CheckpointCapture`).
     """
     ensemble = ensemble or EnsembleConfig()
     train_config = train_config or TrainConfig()
@@ -48,16 +52,20 @@ def score_training_pairs(
                             work_dir=_sub(work, "base"), progress=progress)
     table, meta = result.table, dict(result.metadata)
     if ensemble.enabled:
-        members = [table] + [
-            _member_table(k, seed, train, targets, influence, model_config, train_config,
-                          cache, work, progress)
-            for k, seed in enumerate(member_seeds(train_config.seed, ensemble.members)) if k]
+        if ensemble.kind == "checkpoints":
+            if checkpoints is None or len(checkpoints) != ensemble.members:
+                raise InfluenceError("a checkpoint ensemble is captured while the model trains; "
+                                     "train it here (no --model), or use seed ensembles")
+            members, seeds = list(checkpoints), [train_config.seed]
+        else:
+            seeds = member_seeds(train_config.seed, ensemble.members)
+            members = [table] + [
+                _member_table(k, seed, train, targets, influence, model_config, train_config,
+                              cache, work, progress) for k, seed in enumerate(seeds) if k]
         columns, agreement = combine(members, ensembled(_score_columns(table)),
                                      ensemble.combine)
         table = add_columns(table, columns)
-        meta["ensemble"] = {**ensemble.to_dict(), "seeds": member_seeds(train_config.seed,
-                                                                        ensemble.members),
-                            "agreement": agreement}
+        meta["ensemble"] = {**ensemble.to_dict(), "seeds": seeds, "agreement": agreement}
     if "oof" in influence.scores:
         loss, record = out_of_fold_loss(train, model_config, train_config,
                                         folds=influence.oof_folds, seed=train_config.seed,

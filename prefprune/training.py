@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -28,6 +28,7 @@ from prefprune.model import (
     bradley_terry_loss,
     encoded_batches,
     length_order,
+    loss_slope,
     seed_everything,
 )
 from prefprune.progress import progress_bar
@@ -140,8 +141,22 @@ def _autocast(device: torch.device, bf16: bool | None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use))
 
 
+class Capture(Protocol):
+    """Takes per-pair gradients while training (see :mod:`prefprune.checkpoints`): for the
+    epochs it ``captures``, each step's gradient is assembled from per-pair margin gradients
+    (no extra backward), which are handed to ``record``; ``end_epoch`` runs after the epoch."""
+
+    def captures(self, epoch: int) -> bool: ...
+
+    def pair_gradients(self, batch: PairBatch) -> Any: ...
+
+    def record(self, rows: list[int], pairs: Any) -> None: ...
+
+    def end_epoch(self, epoch: int) -> None: ...
+
+
 def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | None = None, *,
-                       progress: bool = True) -> TrainResult:
+                       progress: bool = True, capture: Capture | None = None) -> TrainResult:
     """Fit LoRA + head with AdamW, linear warm-up then linear decay, on the BT loss.
 
     Seeded: the same model initialisation, data and config give the same weights on CPU.
@@ -170,12 +185,16 @@ def train_reward_model(model: RewardModel, train: Any, config: TrainConfig | Non
         for epoch in range(config.epochs):
             order = epoch_order(ids, config.seed, epoch)
             start = time.perf_counter()
+            taking = capture if capture is not None and capture.captures(epoch) else None
             with progress_bar(f"train epoch {epoch + 1}/{config.epochs}", len(train),
                               progress) as advance:
                 loss = _run_epoch(model, train, order, config, optimizer, scheduler, result,
-                                  device, advance)
+                                  device, advance, taking)
             result.epoch_seconds.append(time.perf_counter() - start)
             result.epoch_losses.append(loss)
+            if taking is not None:
+                taking.end_epoch(epoch)
+                model.model.train()
     finally:
         model.model.eval()
     result.tokens = int(distributed.all_reduce_sum(torch.tensor([result.tokens])))
@@ -205,16 +224,21 @@ def _pair_ids(train: Any) -> list[str]:
 
 def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainConfig,
                optimizer: torch.optim.Optimizer, scheduler: Any, result: TrainResult,
-               device: torch.device, advance: Any) -> float:
+               device: torch.device, advance: Any, capture: Capture | None = None) -> float:
     params = optimizer.param_groups[0]["params"]  # the same θ the optimiser steps
     totals = torch.zeros(2, dtype=torch.float64)  # loss sum, pairs, over this process's slices
     n_batches = math.ceil(len(order) / config.batch_size)
-    for i, (size, batch) in enumerate(_my_slices(model, train, order, config.batch_size)):
+    for i, (size, rows, batch) in enumerate(_my_slices(model, train, order,
+                                                        config.batch_size)):
         if batch is not None:
             batch = batch.to(device)
-            with _autocast(device, config.bf16):
-                losses = bradley_terry_loss(model.margins(batch))
-            (losses.sum() / _step_pairs(i, len(order), config)).backward()
+            step_pairs = _step_pairs(i, len(order), config)
+            if capture is None:
+                with _autocast(device, config.bf16):
+                    losses = bradley_terry_loss(model.margins(batch))
+                (losses.sum() / step_pairs).backward()
+            else:
+                losses = _captured_step(capture, rows, batch, params, step_pairs)
             totals += torch.tensor([float(losses.detach().sum()), batch.size])
             result.tokens += batch.tokens
         if (i + 1) % config.grad_accum_steps == 0 or i + 1 == n_batches:
@@ -229,9 +253,24 @@ def _run_epoch(model: RewardModel, train: Any, order: list[int], config: TrainCo
     return float(totals[0] / totals[1])
 
 
-def _my_slices(model: RewardModel, train: Any, order: list[int],
-               batch_size: int) -> Iterator[tuple[int, PairBatch | None]]:
-    """Yield (global batch size, this process's encoded slice of it, or None when empty).
+def _captured_step(capture: Capture, rows: list[int], batch: PairBatch,
+                   params: list[torch.Tensor], step_pairs: int) -> torch.Tensor:
+    """One step's gradient from the per-pair margin gradients ``J``:
+    ``∇(Σ ℓ_i / N) = Jᵀ (dℓ/dm) / N``, accumulated into ``.grad`` as ``backward`` would."""
+    pairs = capture.pair_gradients(batch)
+    flat = pairs.margin_grads.T @ (loss_slope(pairs.margins) / step_pairs)
+    offset = 0
+    for p in params:
+        part = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        p.grad = part.clone() if p.grad is None else p.grad + part
+        offset += p.numel()
+    capture.record(rows, pairs)
+    return bradley_terry_loss(pairs.margins)
+
+
+def _my_slices(model: RewardModel, train: Any, order: list[int], batch_size: int
+               ) -> Iterator[tuple[int, list[int], PairBatch | None]]:
+    """Yield (global batch size, this process's rows, their encoded batch or None when empty).
 
     Every process walks the same batches, so optimiser steps stay aligned across processes.
     """
@@ -239,10 +278,11 @@ def _my_slices(model: RewardModel, train: Any, order: list[int],
         rows = order[start : start + batch_size]
         mine = [rows[i] for i in distributed.my_share(len(rows))]
         if not mine:
-            yield len(rows), None
+            yield len(rows), mine, None
             continue
         chunk = train[mine]
-        yield len(rows), model.encode_pairs(chunk["prompt"], chunk["chosen"], chunk["rejected"])
+        yield len(rows), mine, model.encode_pairs(chunk["prompt"], chunk["chosen"],
+                                                  chunk["rejected"])
 
 
 def _sum_gradients(params: list[torch.Tensor]) -> None:

@@ -73,6 +73,22 @@ def tiny_bert(tiny_backbones: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def still_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT without dropout: dropout masks depend on batch shapes and on which rows
+    a process sees, which would make equal computations differ for reasons unrelated to the
+    arithmetic under test."""
+    import json
+    import shutil
+
+    directory = tmp_path_factory.mktemp("still") / "bert"
+    shutil.copytree(tiny_bert, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def toy_pairs():
     """Twelve short pairs in canonical columns, with prompts of mixed length."""
     import datasets

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,17 +75,6 @@ def worker(backbone: str, still: str, out: Path) -> None:
     torch.save({"state": trained.trainable_state(), "result": result.to_dict(),
                 "eval": evaluate(trained, train_data(), progress=False).to_dict()},
                out / f"train-rank{rank}.pt")
-
-
-@pytest.fixture(scope="module")
-def still_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Dropout off: its masks depend on which rows a process sees."""
-    directory = tmp_path_factory.mktemp("still-dist") / "bert"
-    shutil.copytree(tiny_bert, directory)
-    config = json.loads((directory / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture(scope="module")

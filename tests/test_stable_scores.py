@@ -10,12 +10,13 @@ import pytest
 import torch
 from helpers import assert_one_error_line, pairs, run_cli
 
+from prefprune.checkpoints import CheckpointCapture
 from prefprune.crossfit import folds_by_prompt, out_of_fold_loss
 from prefprune.data import expert_validation, generate_synthetic, load_preferences
 from prefprune.ensemble import EnsembleConfig, combine, member_agreement, spearman
 from prefprune.errors import ConfigError, DataError
 from prefprune.experiment import Experiment, ExperimentConfig
-from prefprune.influence import InfluenceConfig
+from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.model import RewardModel, RewardModelConfig, bradley_terry_loss
 from prefprune.pipeline import prepare_data
 from prefprune.scoring import score_training_pairs
@@ -223,3 +224,72 @@ def test_cli_rejects_pruning_by_a_score_that_is_not_computed(tmp_path):
     line = assert_one_error_line(run_cli("experiment", "--output", tmp_path / "x",
                                          "--prune-by", "if_ens"), 2)
     assert "--prune-by" in line and "would not be computed" in line
+
+
+# --- checkpoint ensembles ---------------------------------------------------------------------
+
+
+def test_a_captured_step_is_the_plain_step(still_bert):
+    """Assembling each step's gradient from per-pair gradients trains the same model."""
+    train, validation = pairs(20, 3, "t"), pairs(6, 4, "v")
+    model_config = RewardModelConfig(backbone=str(still_bert), max_length=32)
+    states = []
+    for capture in (False, True):
+        model = RewardModel.create(model_config, seed=0)
+        model.model.double()
+        taken = CheckpointCapture(model, train, validation, InfluenceConfig(solver="direct"),
+                                  members=2, epochs=2) if capture else None
+        train_reward_model(model, train, TrainConfig(epochs=2, batch_size=6), progress=False,
+                           capture=taken)
+        states.append(model.trainable_state())
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=1e-4, atol=1e-6)
+    assert len(taken.tables) == 2
+
+
+def test_a_checkpoint_scores_like_the_model_at_that_checkpoint(still_bert):
+    """With a learning rate too small to move θ, the gradients taken in the epoch are the
+    checkpoint's own, so its table is the engine's table of the checkpoint model."""
+    train, validation = pairs(16, 5, "t"), pairs(6, 6, "v")
+    config = InfluenceConfig(scores=("if", "grad_cos", "loss"), solver="direct")
+    model = RewardModel.create(RewardModelConfig(backbone=str(still_bert), max_length=32),
+                               seed=1)
+    taken = CheckpointCapture(model, train, validation, config, members=1, epochs=1)
+    with torch.no_grad():
+        for _, param in model.trainable_parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    train_reward_model(model, train, TrainConfig(epochs=1, batch_size=5, learning_rate=1e-30),
+                       progress=False, capture=taken)
+    expected = compute_scores(model, train, validation, config, progress=False).table
+    for column in ("if", "grad_cos", "loss"):
+        np.testing.assert_allclose(taken.tables[0][column], expected[column], rtol=2e-3,
+                                   atol=1e-7)
+
+
+def test_checkpoint_ensembles_need_an_epoch_per_member(tiny_bert):
+    model = RewardModel.create(RewardModelConfig(backbone=str(tiny_bert), max_length=32))
+    with pytest.raises(ConfigError, match="needs at least 3 training epochs"):
+        CheckpointCapture(model, pairs(4, 0), pairs(2, 1), InfluenceConfig(), members=3,
+                          epochs=2)
+
+
+def test_score_with_a_checkpoint_ensemble(synthetic, tiny_bert, tmp_path):
+    source, expert = synthetic
+    out = tmp_path / "scores.parquet"
+    args = ("score", source, "--validation", expert, "--backbone", tiny_bert,
+            "--max-length", "48", "--lora-layers", "1", "--epochs", "3", "--scores",
+            "if,grad_cos,random", "--solver", "direct", "--ensemble-members", "3",
+            "--ensemble-kind", "checkpoints", "--quiet")
+    result = run_cli(*args, "--output", out)
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out)
+    assert {"if_ens", "grad_cos_ens", "rank_if_ens"} <= set(table.columns)
+    meta = json.loads(out.with_suffix(".json").read_text())["ensemble"]
+    assert meta["kind"] == "checkpoints" and meta["agreement"]["if"]["members"] == 3
+    trained = tmp_path / "m"
+    assert run_cli("train", source, "--output", trained, "--backbone", tiny_bert,
+                   "--max-length", "48", "--epochs", "1", "--quiet").exit_code == 0
+    line = assert_one_error_line(run_cli("score", source, "--model", trained, "--output",
+                                         tmp_path / "s2.parquet", "--ensemble-members", "2",
+                                         "--ensemble-kind", "checkpoints", "--quiet"), 1)
+    assert "captured while the model trains" in line

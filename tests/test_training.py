@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,18 +12,6 @@ from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, epoch_order, evaluate, train_reward_model
 
 FAST = TrainConfig(epochs=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0)
-
-
-@pytest.fixture(scope="module")
-def still_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout: dropout masks depend on batch shapes, which would make
-    accumulated small batches differ from one large batch for reasons unrelated to the sums."""
-    directory = tmp_path_factory.mktemp("still") / "bert"
-    shutil.copytree(tiny_bert, directory)
-    config = json.loads((directory / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 def trained(backbone: Path, pairs, config: TrainConfig) -> tuple[RewardModel, object]:

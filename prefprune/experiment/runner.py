@@ -22,6 +22,7 @@ from typing import Any
 import datasets
 import pandas as pd
 
+from prefprune.checkpoints import CheckpointCapture, saved_checkpoints
 from prefprune.data import fingerprint
 from prefprune.detection import detection_report
 from prefprune.errors import ExperimentError
@@ -201,12 +202,14 @@ class Experiment:
         arm = Arm(seed)
         model_dir = self.output / "models" / f"seed{seed}"
         record_path = self._run_path(arm)
-        if model_dir.exists() and record_path.exists():
+        capture = self._capture(seed, train, data)
+        if model_dir.exists() and record_path.exists() and capture is None:
             model = RewardModel.load(model_dir, layer_cache_mb=self.config.model.layer_cache_mb,
                                      cache=self.cache,
                                      trust_remote_code=self.config.model.trust_remote_code)
             return self._load_record(record_path, train), model
-        model, record = self._fit(arm, train, data, pairs_affected=0, flipped_affected=None)
+        model, record = self._fit(arm, train, data, pairs_affected=0, flipped_affected=None,
+                                  capture=capture)
         model.save(model_dir, overwrite=True, seed=seed)
         write_json_atomic(record_path, record.to_dict())
         self._announce(record)
@@ -222,14 +225,15 @@ class Experiment:
     def _scores(self, seed: int, model: RewardModel, train: datasets.Dataset,
                 data: PreparedData) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The replicate's score table and its sidecar: computed, or loaded when saved."""
-        path = self.output / "scores" / f"seed{seed}.parquet"
+        path = self._score_path(seed)
         if path.exists():
             return pd.read_parquet(path), json.loads(sidecar_of(path).read_text())
         result = score_training_pairs(
             model, train, data.splits["validation"], self.config.influence.replace(seed=seed),
             ensemble=self.config.ensemble, model_config=self.config.model,
             train_config=self.config.train.replace(seed=seed), cache=self.cache,
-            work_dir=path.with_name(path.name + ".work"), progress=self.progress)
+            work_dir=path.with_name(path.name + ".work"), progress=self.progress,
+            checkpoints=self._saved_checkpoints(seed))
         result.save(path)
         return result.table, result.metadata
 
@@ -250,13 +254,43 @@ class Experiment:
         self._announce(record)
         return record
 
+    def _capture(self, seed: int, train: datasets.Dataset, data: PreparedData
+                 ) -> Callable[[RewardModel], CheckpointCapture] | None:
+        """For a checkpoint ensemble whose tables are not saved yet: how the base model's
+        training captures them (None when there is nothing to capture)."""
+        ensemble = self.config.ensemble
+        if not ensemble.enabled or ensemble.kind != "checkpoints":
+            return None
+        where = self._checkpoint_dir(seed)
+        if self._score_path(seed).exists() or self._saved_checkpoints(seed) is not None:
+            return None
+        influence = self.config.influence.replace(seed=seed)
+        return lambda model: CheckpointCapture(
+            model, train, data.splits["validation"], influence, members=ensemble.members,
+            epochs=self.config.train.epochs, work_dir=where)
+
+    def _saved_checkpoints(self, seed: int) -> list[pd.DataFrame] | None:
+        ensemble = self.config.ensemble
+        if not ensemble.enabled or ensemble.kind != "checkpoints":
+            return None
+        return saved_checkpoints(self._checkpoint_dir(seed), ensemble.members)
+
+    def _checkpoint_dir(self, seed: int) -> Path:
+        return self._score_path(seed).with_name(f"seed{seed}.parquet.work") / "checkpoints"
+
+    def _score_path(self, seed: int) -> Path:
+        return self.output / "scores" / f"seed{seed}.parquet"
+
     def _fit(self, arm: Arm, train: datasets.Dataset, data: PreparedData, pairs_affected: int,
-             flipped_affected: float | None) -> tuple[RewardModel, RunRecord]:
+             flipped_affected: float | None,
+             capture: Callable[[RewardModel], CheckpointCapture] | None = None
+             ) -> tuple[RewardModel, RunRecord]:
         """Train from the replicate's initialisation on ``train``; measure on test."""
         start = time.perf_counter()
         model = self._new_model(arm.seed)
         trained = train_reward_model(model, train, self.config.train.replace(seed=arm.seed),
-                                     progress=self.progress)
+                                     progress=self.progress,
+                                     capture=capture(model) if capture else None)
         test = evaluate(model, data.splits["test"], progress=False)
         record = RunRecord(arm, len(train), pairs_affected, flipped_affected, test.accuracy,
                            test.loss, trained.epoch_losses[-1], time.perf_counter() - start,

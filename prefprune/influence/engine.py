@@ -34,7 +34,7 @@ from prefprune.errors import ConvergenceWarning, InfluenceError
 from prefprune.influence import formulas, solvers
 from prefprune.influence.config import MAX_DUAL_PAIRS, InfluenceConfig
 from prefprune.influence.curvature import CachedGaussNewton, StreamingCurvature
-from prefprune.influence.gradients import MarginGradientComputer
+from prefprune.influence.gradients import MarginGradientComputer, PairGradients
 from prefprune.influence.inverse import solve, solver_record
 from prefprune.influence.projection import ProjectedGradients, RandomProjection
 from prefprune.influence.results import SCORES_KIND, ScoreResult, digest, model_fingerprint
@@ -48,19 +48,22 @@ MAX_DIRECT_PARAMS = 6000
 
 def compute_scores(model: RewardModel, train: Any, validation: Any | Mapping[str, Any],
                    config: InfluenceConfig | None = None, *, work_dir: str | Path | None = None,
-                   progress: bool = True) -> ScoreResult:
+                   progress: bool = True,
+                   gradients: PairGradients | None = None) -> ScoreResult:
     """Score every pair of ``train`` (a canonical ``datasets.Dataset``) against ``validation``.
 
     ``validation`` is one dataset, or a mapping name → dataset for several targets at once
     (e.g. one per subreddit): target-dependent scores then get one column per target,
-    ``"{score}@{target}"``.
+    ``"{score}@{target}"``. ``gradients`` are the training pairs' margins and margin gradients
+    when they were already taken (a training checkpoint's, see :mod:`prefprune.checkpoints`):
+    the gradient pass then reads them instead of running the model over ``train``.
 
     Under ``torchrun`` every process must call this with the same arguments; it joins the
     process group itself, splits the work, and every process gets the same result.
     """
     distributed.setup()
     engine = _Engine(model, train, _targets(validation), config or InfluenceConfig(),
-                     work_dir, progress)
+                     work_dir, progress, gradients)
     return engine.run()
 
 
@@ -76,10 +79,12 @@ class _Engine:
     """One scoring run: the passes, the solve and the table, with timings."""
 
     def __init__(self, model: RewardModel, train: Any, targets: dict[str, Any],
-                 config: InfluenceConfig, work_dir: str | Path | None, progress: bool) -> None:
+                 config: InfluenceConfig, work_dir: str | Path | None, progress: bool,
+                 given: PairGradients | None = None) -> None:
         if len(train) == 0:
             raise InfluenceError("the training set is empty")
         self.model, self.train, self.targets, self.config = model, train, targets, config
+        self.given = _check_given(given, len(train), config)
         self.sharded = distributed.world_size() > 1
         self.progress = progress and distributed.is_main_process()
         self.n = len(train)
@@ -90,12 +95,14 @@ class _Engine:
         self.grads = self._gradient_computer()
         self.dim = self.grads.dim
         key = self._run_key()
-        self.store = ShardStore(Path(work_dir), key) if work_dir is not None else None
+        # given gradients are not the model's own pass: never mix them into its saved shards
+        self.store = ShardStore(Path(work_dir), key) \
+            if work_dir is not None and self.given is None else None
         self.my_shards = [(k, self._shards()[k])
                           for k in distributed.my_share(len(self._shards()))]
         self.rows = range(self.my_shards[0][1].start, self.my_shards[-1][1].stop) \
             if self.my_shards else range(0)
-        self.cache = self._cache_fits()
+        self.cache = self._cache_fits() or self.given is not None  # given: already in memory
         self._check_feasible()
         self.local: dict[str, torch.Tensor] = {}  # this process's margins and gradient cache
 
@@ -270,10 +277,8 @@ class _Engine:
         return part
 
     def _gradient_shard(self, shard: range, g_val: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = self.train.select(shard)
         margins, norms, dots, cached = [], [], [], []
-        for _, batch in self._batches(rows):
-            pairs = self.grads(batch.to(self.model.device))
+        for pairs in self._shard_gradients(shard):
             j = pairs.margin_grads.cpu()
             margins.append(pairs.margins.cpu())
             norms.append((j.double() ** 2).sum(dim=1))
@@ -286,6 +291,15 @@ class _Engine:
         if self.cache:
             part["margin_grads"] = torch.cat(cached)
         return part
+
+    def _shard_gradients(self, shard: range) -> Any:
+        """The shard's per-pair gradients: given ones sliced, or computed batch by batch."""
+        if self.given is not None:
+            yield PairGradients(self.given.margins[shard.start:shard.stop],
+                                self.given.margin_grads[shard.start:shard.stop])
+            return
+        for _, batch in self._batches(self.train.select(shard)):
+            yield self.grads(batch.to(self.model.device))
 
     def _count_work(self, pairs: int) -> None:
         self.meta["pairs_through_gradient_passes"] += pairs
@@ -474,6 +488,23 @@ class _Engine:
             "sign_convention": "every score is a harm: larger = more harmful; rank 1 = most",
             **self.meta,
         }
+
+
+def _check_given(given: PairGradients | None, n: int,
+                 config: InfluenceConfig) -> PairGradients | None:
+    """Gradients taken elsewhere (one process, Gauss–Newton, unprojected) for every pair."""
+    if given is None:
+        return None
+    if given.margin_grads.shape[0] != n or given.margins.shape[0] != n:
+        raise InfluenceError(f"given gradients cover {given.margin_grads.shape[0]} pairs, the "
+                             f"training set has {n}")
+    if distributed.world_size() > 1:
+        raise InfluenceError("scores from given gradients run in a single process")
+    if config.curvature != "gauss_newton" or config.projection_dim is not None:
+        raise InfluenceError("scores from given gradients need Gauss–Newton curvature and no "
+                             "projection: the exact Hessian has no per-pair form")
+    return PairGradients(given.margins.detach().float().cpu(),
+                         given.margin_grads.detach().float().cpu())
 
 
 def _cat(parts: list[torch.Tensor], empty: tuple[int, ...],

@@ -74,20 +74,25 @@ class MarginGradientComputer:
 
     ``mode="hooks"`` is the batched path (one backward per batch). ``mode="loop"`` runs one
     backward per pair: slow, but it handles any trainable parameter, and it is the reference
-    the hooks are tested against.
+    the hooks are tested against. Gradients are taken in eval mode (no dropout), unless
+    ``train_mode``: then the model is left in the mode its caller set, which is how a training
+    step gets its own per-pair gradients (rows stay independent under dropout).
     """
 
-    def __init__(self, model: RewardModel, mode: str = "hooks") -> None:
+    def __init__(self, model: RewardModel, mode: str = "hooks", *,
+                 train_mode: bool = False) -> None:
         if mode not in ("hooks", "loop"):
             raise ValueError(f"mode must be 'hooks' or 'loop', not {mode!r}")
         self.model = model
         self.mode = mode
+        self.train_mode = train_mode
         self.params = [p for _, p in model.trainable_parameters()]
         self.dim = sum(p.numel() for p in self.params)
         self.slots = _linear_slots(model) if mode == "hooks" else []
 
     def __call__(self, batch: PairBatch) -> PairGradients:
-        self.model.model.eval()
+        if not self.train_mode:
+            self.model.model.eval()
         if self.mode == "loop":
             return self._loop(batch)
         return self._hooks(batch)
