@@ -90,14 +90,17 @@ def build_sections(result: ExperimentResult, output: Path,
 
 
 def format_interval(stat: Mapping[str, Any] | None, digits: int = 4,
-                    signed: bool = False) -> str:
+                    signed: bool = False, scale: float = 1.0) -> str:
     """``mean ± ci95`` of a :func:`~prefprune.experiment.mean_interval` (the mean alone with
-    one seed, ``–`` when missing), as the report and the CLI print it."""
+    one seed, ``–`` when missing), as the report and the CLI print it; ``scale=100`` shows a
+    share in percent or points."""
     if not stat:
         return "–"
     sign = "+" if signed else ""
-    text = f"{stat['mean']:{sign}.{digits}f}"
-    return text + (f" ± {stat['ci95']:.{digits}f}" if stat.get("ci95") is not None else "")
+    text = f"{stat['mean'] * scale:{sign}.{digits}f}"
+    if stat.get("ci95") is None:
+        return text
+    return f"{text} ± {stat['ci95'] * scale:.{digits}f}"
 
 
 def _overview(result: ExperimentResult, output: Path, command: str | None) -> Section:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import datasets
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
@@ -157,18 +158,26 @@ def top_table(table: Any, top: int) -> Table:
 
 
 def print_headline(result: ExperimentResult) -> None:
-    """Test accuracy per method at the first fraction, and flip detection when known."""
+    """Test accuracy per method at the first fraction, and flip detection when known; sized
+    for an 80-column terminal (accuracy in percent, differences in points)."""
     rows = headline(result)
     fraction = result.config.fractions[0]
-    table = Table("method", f"test accuracy ({fraction:.0%} removed)", "Δ vs no pruning",
-                  "Δ vs random", "flip AUROC", "flips in top 10%",
-                  title=f"prefprune: {len(result.config.seeds)} seed(s), "
-                        f"{result.seconds / 60:.1f} min")
+    seeds = len(result.config.seeds)
+    table = Table("method", "test acc %", "Δ vs none", "Δ vs random", "flip AUROC",
+                  "top 10%", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title=f"{fraction:.0%} of training pairs removed by each score and the model "
+                        f"retrained; {seeds} seed{'s' if seeds > 1 else ''}, mean"
+                        f"{' ± 95% interval' if seeds > 1 else ''} "
+                        f"({result.seconds / 60:.1f} min)")
     for row in rows:
         detection = row.get("detection") or {}
         found = next((v for k, v in detection.items() if k.startswith("found_in_top")), None)
-        table.add_row(row["method"], format_interval(row["test_accuracy"]),
-                      format_interval(row.get("vs_baseline"), signed=True),
-                      format_interval(row.get("vs_random"), signed=True),
-                      format_interval(detection.get("auroc")), format_interval(found))
+        table.add_row(row["method"], format_interval(row["test_accuracy"], 1, scale=100),
+                      format_interval(row.get("vs_baseline"), 1, signed=True, scale=100),
+                      format_interval(row.get("vs_random"), 1, signed=True, scale=100),
+                      format_interval(detection.get("auroc"), 2),
+                      format_interval(found, 0, scale=100))
     stdout.print(table)
+    if any(row.get("detection") for row in rows):
+        stdout.print("flip AUROC: how well the score ranks the wrong labels first (0.5 = "
+                     "chance); top 10%: the share of all wrong labels among its top 10%.")
