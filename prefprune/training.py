@@ -41,9 +41,9 @@ class TrainConfig(Settings):
 
     section: ClassVar[str] = "train"
 
-    epochs: int = setting(3, min=1, help="Passes over the training pairs.")
-    batch_size: int = setting(16, min=1, help="Pairs per forward pass.")
-    learning_rate: float = setting(2e-3, above=0.0, help="Peak AdamW learning rate.")
+    epochs: int = setting(2, min=1, help="Passes over the training pairs.")
+    batch_size: int = setting(8, min=1, help="Pairs per forward pass.")
+    learning_rate: float = setting(5e-3, above=0.0, help="Peak AdamW learning rate.")
     weight_decay: float = setting(0.0, min=0.0, help="AdamW weight decay.")
     warmup_ratio: float = setting(
         0.1, min=0.0, max=1.0, help="Share of the optimiser steps spent warming the learning "

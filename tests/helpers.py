@@ -43,7 +43,9 @@ def pairs(n: int, seed: int, prefix: str = "p") -> datasets.Dataset:
 def perturbed_model(backbone: Path | str, *, seed: int = 1, scale: float = 0.2,
                     **config) -> RewardModel:
     """A model whose θ is moved away from initialisation: LoRA's B starts at zero, which would
-    hide bugs that only show when every trainable parameter matters."""
+    hide bugs that only show when every trainable parameter matters. LoRA adapts every layer
+    unless ``lora_layers`` says otherwise: the gradient and curvature tests cover them all."""
+    config.setdefault("lora_layers", 0)
     model = RewardModel.create(RewardModelConfig(backbone=str(backbone), **config))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

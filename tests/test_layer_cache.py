@@ -123,8 +123,8 @@ def test_cache_needs_frozen_lower_layers(tiny_bert):
 def test_lora_layers_out_of_range(tiny_bert):
     with pytest.raises(ModelError, match="between 1 and 2"):
         make_model(tiny_bert, lora_layers=3)
-    with pytest.raises(ConfigError, match="lora_layers: must be >= 1"):
-        make_model(tiny_bert, lora_layers=0)
+    with pytest.raises(ConfigError, match="lora_layers: must be >= 0"):
+        make_model(tiny_bert, lora_layers=-1)
 
 
 def test_saved_top_layer_model_reloads_with_its_layers(tiny_bert, tmp_path):

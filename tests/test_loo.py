@@ -61,7 +61,8 @@ def head_only_model(backbone) -> tuple[RewardModel, torch.nn.Linear]:
     the text (feature differences ~1e-3); non-zero LoRA value/query updates make the pooled
     features a real function of the words, as after fine-tuning.
     """
-    model = RewardModel.create(RewardModelConfig(backbone=str(backbone), max_length=32), seed=0)
+    model = RewardModel.create(RewardModelConfig(backbone=str(backbone), max_length=32,
+                                                 lora_layers=0), seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.trainable_parameters():

@@ -383,7 +383,7 @@ def test_bad_inputs_raise(model, data, tiny_bert):
     with pytest.raises(InfluenceError, match="memory_budget_mb"):
         run(model, data, scores=("self_influence",), memory_budget_mb=0)
     big = RewardModel.create(RewardModelConfig(backbone=str(tiny_bert), max_length=16,
-                                               lora_r=32))
+                                               lora_r=32, lora_layers=0))
     assert big.num_trainable > 6000
     with pytest.raises(InfluenceError, match="solver='cg'"):
         compute_scores(big, train.select(range(2)), validation.select(range(2)),

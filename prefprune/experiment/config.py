@@ -146,6 +146,6 @@ def demo_config(seed: int = 0, model: RewardModelConfig | None = None,
     """
     return ExperimentConfig(
         fractions=(0.1,), seeds=(seed,), helpful=False, relabel=False,
-        model=model or RewardModelConfig(lora_layers=1),
+        model=model or RewardModelConfig(),
         train=train or TrainConfig(epochs=1, batch_size=8, learning_rate=5e-3),
         influence=InfluenceConfig(scores=DEMO_METHODS))

@@ -21,13 +21,13 @@ CURVATURE_SCORES = frozenset({"if", "flip"})
 TARGET_SCORES = frozenset({"if", "flip", "grad_dot", "grad_cos"})
 #: The exact dual solve behind ``self_influence`` factorises an n × n matrix.
 MAX_DUAL_PAIRS = 20000
-DEFAULT_DAMPING = 0.1
+DEFAULT_DAMPING = 10.0
 
 
 @dataclass(frozen=True)
 class InfluenceConfig(Settings):
     """How to score. Defaults: every score, Gauss–Newton curvature, CG,
-    λ = 0.1 × trace(G)/min(pairs, P) (docs/method.md, section 3).
+    λ = 10 × trace(G)/min(pairs, P) (docs/method.md, section 3; docs/defaults.md says why).
 
     ``damping_relative`` makes ``damping`` a multiple of the mean non-zero Gauss–Newton
     eigenvalue ``trace(G)/min(pairs, P)`` (G's rank is at most that), computed exactly from the

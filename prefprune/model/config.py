@@ -17,9 +17,10 @@ class RewardModelConfig(Settings):
     """A reward model's architecture, its trainable parameters θ, and how it is run.
 
     θ is the LoRA matrices plus the scalar head. ``lora_layers=k`` adapts only the top k
-    transformer layers; the layers below are then frozen, and their output is computed once
-    per sequence and cached (``layer_cache_mb``), which makes every epoch, retrain and
-    gradient pass run only the top layers.
+    transformer layers (0: all); the layers below are then frozen, and their output is
+    computed once per sequence and cached (``layer_cache_mb``), which makes every epoch,
+    retrain and gradient pass run only the top layers. The default, the top layer, is the
+    measured best for the default backbone (docs/defaults.md).
     """
 
     section: ClassVar[str] = "model"
@@ -35,10 +36,10 @@ class RewardModelConfig(Settings):
     target_modules: tuple[str, ...] | None = setting(
         None, metavar="NAMES", help="Comma-separated module names LoRA adapts (e.g. "
                                     "q_proj,v_proj). Default: detected from the architecture.")
-    lora_layers: int | None = setting(
-        None, min=1, help="Adapt only the top N transformer layers. The frozen layers below "
-                          "are then computed once per sequence and cached (see "
-                          "--layer-cache-mb). Default: all layers.")
+    lora_layers: int = setting(
+        1, min=0, help="Adapt only the top N transformer layers (0: all of them). The frozen "
+                       "layers below are computed once per sequence and cached (see "
+                       "--layer-cache-mb).")
     layer_cache_mb: float = setting(
         DEFAULT_LAYER_CACHE_MB, min=0.0, identity=False,
         help="RAM for the cached output of the frozen layers when --lora-layers is set; 0 "
@@ -59,4 +60,4 @@ class RewardModelConfig(Settings):
 
     def uses_layer_cache(self) -> bool:
         """Whether models built from this config serve their frozen layers from a cache."""
-        return self.lora_layers is not None and self.layer_cache_mb > 0
+        return self.lora_layers > 0 and self.layer_cache_mb > 0

@@ -149,9 +149,9 @@ def attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
     return model
 
 
-def _layer_selection(model: nn.Module, lora_layers: int | None) -> dict[str, Any]:
-    """PEFT arguments that restrict LoRA to the top ``lora_layers`` layers."""
-    if lora_layers is None:
+def _layer_selection(model: nn.Module, lora_layers: int) -> dict[str, Any]:
+    """PEFT arguments that restrict LoRA to the top ``lora_layers`` layers (0: all)."""
+    if lora_layers == 0:
         return {}
     _, pattern, layers = layer_stack(model)
     if not 1 <= lora_layers <= len(layers):

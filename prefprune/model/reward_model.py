@@ -48,8 +48,8 @@ class RewardModel:
     Build a fresh one with :meth:`create` (seeded: the same seed gives the same initial
     LoRA and head, which retraining after pruning relies on), or reload a trained one with
     :meth:`load`. ``r(x, y)`` is :meth:`rewards`; the pair margin is chosen minus rejected.
-    With ``config.lora_layers`` set, the frozen layers below the adapted ones are served from
-    a :class:`FrozenLayerCache` (``config.layer_cache_mb``; several models may share one).
+    When LoRA adapts only the top layers, the frozen layers below them are served from a
+    :class:`FrozenLayerCache` (``config.layer_cache_mb``; several models may share one).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: RewardModelConfig, *,
@@ -221,6 +221,8 @@ def _saved_config(meta: dict[str, Any], adapter_cfg: dict[str, Any], backbone: s
     saved.pop("trust_remote_code", None)  # only the user's flag may allow remote code
     known = set(RewardModelConfig.fields_help())
     values = {k: v for k, v in saved.items() if k in known}
+    if values.get("lora_layers", 0) is None:  # folders saved before 0 meant "all layers"
+        values["lora_layers"] = 0
     values.update({
         "backbone": backbone or saved.get("backbone") or adapter_cfg.get("base_model_name_or_path"),
         "lora_r": adapter_cfg.get("r", 8),
