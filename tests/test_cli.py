@@ -206,21 +206,26 @@ def test_experiment_reads_yaml_and_typed_flags_win(tmp_path, tiny_bert):
 def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
     from prefprune import pipeline
     from prefprune.cli import commands
-    from prefprune.experiment import demo_config
+    from prefprune.data import expert_validation
+    from prefprune.experiment import config, demo_config
     from prefprune.model import RewardModelConfig
     from prefprune.training import TrainConfig
 
     data = generate_synthetic(tmp_path / "syn.jsonl", n_posts=16)
+    expert = expert_validation(data, tmp_path / "expert.jsonl")
     monkeypatch.setattr(pipeline, "default_dataset_path", lambda: data)
-    monkeypatch.setattr(commands, "demo_config", lambda seed: demo_config(
-        seed, RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
+    monkeypatch.setattr(config, "default_expert_validation_path", lambda: expert)
+    monkeypatch.setattr(commands, "demo_config", lambda seeds: demo_config(
+        seeds, RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
         TrainConfig(epochs=1, batch_size=8, learning_rate=0.01)))
-    result = run("demo", "--output", tmp_path / "demo", "--quiet")
+    result = run("demo", "--output", tmp_path / "demo", "--quiet", "--seeds", "0,1")
     assert result.exit_code == 0, result.output
     for method in ("no pruning", "if", "grad_cos", "loss", "random"):
         assert method in result.stdout
-    assert "flip AUROC" in result.stdout
+    assert "flip AUROC" in result.stdout and "Writing" not in result.output
     assert (tmp_path / "demo" / "report.html").is_file()
+    saved = (tmp_path / "demo" / "config.yaml").read_text()
+    assert f"validation: {expert}" in saved
 
 
 def test_score_under_torchrun_equals_one_process(tmp_path, tiny_bert):
@@ -255,3 +260,29 @@ def test_score_under_torchrun_equals_one_process(tmp_path, tiny_bert):
         assert np.allclose(two[column], one[column], rtol=1e-5, atol=1e-9), column
     assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.json", "two.parquet",
                                                             "two.parquet.work"]
+
+
+def test_headline_rows_fit_80_columns(monkeypatch):
+    """Five seeds of realistic figures: every row, intervals included, on one 80-column line."""
+    import io
+
+    from rich.console import Console
+
+    from prefprune.cli import render
+    from prefprune.experiment import Arm, ExperimentConfig, ExperimentResult, RunRecord
+    from prefprune.experiment.stats import summarise
+
+    runs = [RunRecord(Arm(s, m, 0.1 if m else 0.0), 725, 81, 0.4, 0.88 + 0.01 * s + d, 0.3,
+                      0.4, 30.0) for s in range(5)
+            for m, d in ((None, 0.0), ("if", 0.012), ("grad_cos_ens", -0.003), ("loss", 0.02),
+                         ("random", -0.01))]
+    detection = {str(s): {m: {"auroc": 0.9 - 0.01 * s, "found_in_top_10%": 0.45}
+                           for m in ("if", "grad_cos_ens", "loss", "random")} for s in range(5)}
+    result = ExperimentResult(ExperimentConfig(seeds=tuple(range(5)), fractions=(0.1,)), runs,
+                              detection, summarise(runs, detection), {}, seconds=480.0)
+    buffer = io.StringIO()
+    monkeypatch.setattr(render, "stdout", Console(file=buffer, width=80))
+    render.print_headline(result)
+    rows = [line for line in buffer.getvalue().splitlines()
+            if line.split() and line.split()[0] in ("if", "grad_cos_ens", "loss")]
+    assert len(rows) == 3 and all(row.count("±") == 5 and len(row) <= 80 for row in rows)

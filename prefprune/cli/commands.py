@@ -27,6 +27,7 @@ from prefprune.data import DataOptions, load_preferences
 from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import Experiment, ExperimentConfig, demo_config
+from prefprune.experiment.config import DEMO_SEEDS
 from prefprune.influence import InfluenceConfig
 from prefprune.model import PairEncoder, RewardModelConfig
 from prefprune.model.loading import default_backbone, load_tokenizer
@@ -418,16 +419,19 @@ def demo_command(
     output: Annotated[Path | None, typer.Option(
         help="Keep the experiment (models, scores, results.json, report) in this new folder.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the training and the random control.")] = 0,
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated replicate seeds.")] = ",".join(map(str, DEMO_SEEDS)),
     overwrite: OverwriteFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """A small pruning experiment on the embedded synthetic set: train, score, remove the top
-    10% by IF, gradient cosine, loss and random, retrain, and print the headline table."""
+    """A small pruning experiment on the embedded synthetic set, scored against its
+    expert-labelled validation pairs: train, score, remove the top 10% by IF, gradient cosine,
+    loss and random, retrain, over three seeds, and print the headline table."""
+    replicates = EXPERIMENT.typed({"seeds": seeds})["seeds"]
     with tempfile.TemporaryDirectory(prefix="prefprune-demo-") as scratch:
         where = output or Path(scratch) / "demo"
-        result = Experiment(demo_config(seed), where, progress=not quiet,
+        result = Experiment(demo_config(replicates), where, progress=not quiet,
                             overwrite=overwrite).run()
         paths = write_report(result, where) if output is not None else {}
     if json_output:

@@ -94,26 +94,20 @@ def load_tokenizer(source: str, trust_remote_code: bool) -> Any:
 def load_backbone(source: str, config: RewardModelConfig, pad_token_id: int | None) -> nn.Module:
     """A one-output sequence-classification model from safetensors weights."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     _refuse_pickle(Path(source))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "head newly initialised" notice is expected here
-    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=1,
-            use_safetensors=True,
-            trust_remote_code=config.trust_remote_code,
-            attn_implementation=config.attn_implementation,
-            local_files_only=_is_local(source),
-        )
+        with quiet_transformers():  # the "head newly initialised" notice is expected here
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=1,
+                use_safetensors=True,
+                trust_remote_code=config.trust_remote_code,
+                attn_implementation=config.attn_implementation,
+                local_files_only=_is_local(source),
+            )
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelError(f"cannot load backbone {source!r}: {exc}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
@@ -211,6 +205,24 @@ def freeze_head_bias(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if name.endswith(".modules_to_save.default.bias"):
             param.requires_grad_(False)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' notices and progress bars (loading, "Writing model shards") describe its
+    internals, not anything a user acts on; prefprune shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from prefprune.model.loading import (
     load_adapter,
     load_backbone,
     load_tokenizer,
+    quiet_transformers,
     read_json,
 )
 
@@ -140,7 +141,7 @@ class RewardModel:
         path = Path(path)
         check_folder(path, "model", overwrite=overwrite)
         merged = {**self.metadata, **metadata}
-        with replacing_folder(path) as tmp:
+        with replacing_folder(path) as tmp, quiet_transformers():
             self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             write_json_atomic(tmp / METADATA_FILE, {
