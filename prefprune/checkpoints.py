@@ -13,6 +13,7 @@ agreement are those of :mod:`prefprune.ensemble`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class CheckpointCapture:
         self.jacobian = torch.zeros(0)
         self.seen = torch.zeros(len(train), dtype=torch.bool)
         self.tables: list[pd.DataFrame] = []
+        #: CPU seconds spent scoring checkpoints (the ensemble's cost beyond training).
+        self.cpu_seconds = 0.0
 
     def captures(self, epoch: int) -> bool:
         if epoch >= self.first and not self.jacobian.numel():
@@ -78,6 +81,7 @@ class CheckpointCapture:
         """Score every pair at this checkpoint, from the gradients its epoch took."""
         if not bool(self.seen.all()):
             raise InfluenceError("a checkpoint epoch did not visit every training pair")
+        start = time.process_time()
         result = compute_scores(self.model, self.train, self.targets, self.config,
                                 progress=self.progress,
                                 gradients=PairGradients(self.margins, self.jacobian))
@@ -86,6 +90,7 @@ class CheckpointCapture:
             result.save(self.work / f"checkpoint{k}.parquet")
         self.tables.append(result.table)
         self.seen[:] = False
+        self.cpu_seconds += time.process_time() - start
 
 
 def saved_checkpoints(work_dir: str | Path | None, members: int) -> list[pd.DataFrame] | None:
