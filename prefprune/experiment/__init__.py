@@ -5,11 +5,13 @@ from prefprune.experiment.config import (
     DEFAULT_METHODS,
     DEMO_METHODS,
     ExperimentConfig,
+    RunConfig,
+    ValidateConfig,
     demo_config,
 )
+from prefprune.experiment.folder import CONFIG_FILE
 from prefprune.experiment.records import Arm, RunRecord
 from prefprune.experiment.runner import (
-    CONFIG_FILE,
     RESULTS_FILE,
     Experiment,
     ExperimentResult,
@@ -28,7 +30,9 @@ __all__ = [
     "Experiment",
     "ExperimentConfig",
     "ExperimentResult",
+    "RunConfig",
     "RunRecord",
+    "ValidateConfig",
     "arms_of",
     "demo_config",
     "detect",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import yaml
 
@@ -19,17 +19,15 @@ from prefprune.training import TrainConfig
 
 #: Scores an experiment ranks pairs by unless told otherwise (docs/method.md, section 4).
 DEFAULT_METHODS = ("if", "grad_dot", "grad_cos", "flip", "loss", "random")
+#: Scores ``prefprune validate`` checks unless told otherwise: influence, gradient similarity,
+#: the label-noise baseline and the floor.
+VALIDATE_SCORES = ("if", "flip", "grad_dot", "grad_cos", "loss", "random")
 
 
 @dataclass(frozen=True)
-class ExperimentConfig(Settings):
-    """Every setting of an experiment. ``data=None`` is the embedded synthetic set.
-
-    The methods an experiment compares are ``influence.scores``: each score ranks the pairs,
-    and its top fraction is removed (or relabelled) and the model retrained. ``inject_flips``
-    swaps a seeded share of the training labels (seeded per replicate) and keeps the truth,
-    for detection metrics.
-    """
+class RunConfig(Settings):
+    """What every retraining run needs: the data and its held-out sets, the model, training,
+    scoring and ensemble settings. ``data=None`` is the embedded synthetic set."""
 
     error: ClassVar[type[ConfigError]] = ExperimentConfigError
 
@@ -53,6 +51,69 @@ class ExperimentConfig(Settings):
         help="Train/validation/test shares for data without source splits.")
     split_seed: int = setting(0, help="Seed of the train/validation/test split of data "
                                       "without source splits.")
+    model: RewardModelConfig = setting(default_factory=RewardModelConfig, cli=False,
+                                       help="The reward model.")
+    train: TrainConfig = setting(default_factory=TrainConfig, cli=False,
+                                 help="Training settings (the seed comes from the run).")
+    influence: InfluenceConfig = setting(default_factory=InfluenceConfig, cli=False,
+                                         help="Scoring settings.")
+    ensemble: EnsembleConfig = setting(default_factory=EnsembleConfig, cli=False,
+                                       help="Combine several models' scores per pair.")
+
+    def validate(self) -> None:
+        if abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
+
+    def score_columns(self) -> tuple[str, ...]:
+        """The score columns a run's table will have: each requested score, and the
+        ensemble's combination of every engine score but the random control."""
+        columns = list(self.influence.scores)
+        if self.ensemble.enabled:
+            columns += [f"{s}{SUFFIX}" for s in ensembled(self.influence.scores)
+                        if s in ENGINE_SCORES]
+        return tuple(columns)
+
+    def data_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of :func:`~prefprune.pipeline.prepare_data` for this run."""
+        return {**self.data_options.kwargs(), "fractions": self.split_fractions,
+                "seed": self.split_seed, "validation": self.validation,
+                "validation_options": self.validation_options, "test": self.test,
+                "test_options": self.test_options, "allow_overlap": self.allow_overlap}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls: type[R], path: str | Path, **fixed: object) -> R:
+        """Read and validate a YAML file; every problem names the file and the setting."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ExperimentConfigError(str(path), f"not a readable YAML file: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ExperimentConfigError(str(path), "expected a mapping of settings")
+        try:
+            return cls.from_dict(data, **fixed)
+        except ConfigError as exc:
+            raise ExperimentConfigError(str(path), str(exc)) from exc
+
+
+R = TypeVar("R", bound=RunConfig)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(RunConfig):
+    """Every setting of a pruning experiment (docs/method.md, section 4).
+
+    Each column of ``prune_by`` (default: every score computed) ranks the pairs; its top
+    fraction is removed (or relabelled) and the model retrained, per replicate seed.
+    ``inject_flips`` swaps a seeded share of the training labels (seeded per replicate) and
+    keeps the truth, for detection metrics.
+    """
+
+    influence: InfluenceConfig = setting(
+        default_factory=lambda: InfluenceConfig(scores=DEFAULT_METHODS), cli=False,
+        help="Scoring settings; influence.scores are computed for every replicate.")
     fractions: tuple[float, ...] = setting(
         (0.05, 0.1, 0.2), above=0.0, max=0.99, metavar="F,...",
         help="Comma-separated shares to remove per method.")
@@ -65,71 +126,48 @@ class ExperimentConfig(Settings):
         0.0, min=0.0, max=0.99, help="Swap this seeded share of the training labels first "
                                      "(ground truth kept) and measure how well each score "
                                      "finds them.")
-    model: RewardModelConfig = setting(default_factory=RewardModelConfig, cli=False,
-                                       help="The reward model.")
-    train: TrainConfig = setting(default_factory=TrainConfig, cli=False,
-                                 help="Training settings (the seed comes from seeds).")
-    influence: InfluenceConfig = setting(
-        default_factory=lambda: InfluenceConfig(scores=DEFAULT_METHODS), cli=False,
-        help="Scoring settings; influence.scores are computed for every replicate.")
-    ensemble: EnsembleConfig = setting(default_factory=EnsembleConfig, cli=False,
-                                       help="Combine several models' scores per pair.")
     prune_by: tuple[str, ...] | None = setting(
         None, metavar="COLUMNS",
         help="Score columns whose top pairs are removed and retrained without (e.g. "
              "if,if_ens,oof,random). Default: every score computed.")
 
     def validate(self) -> None:
+        super().validate()
         if not self.seeds:
             raise ConfigError("seeds", "must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"lists a seed twice: {list(self.seeds)}")
         if not self.fractions:
             raise ConfigError("fractions", "must list at least one fraction")
-        if abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
         unknown = sorted(set(self.prune_by or ()) - set(self.score_columns()))
         if unknown:
             raise ConfigError("prune_by", f"{unknown} would not be computed; the scores are "
                                           f"{', '.join(self.score_columns())}")
-
-    def score_columns(self) -> tuple[str, ...]:
-        """The score columns a replicate's table will have: each requested score, and the
-        ensemble's combination of every engine score but the random control."""
-        columns = list(self.influence.scores)
-        if self.ensemble.enabled:
-            columns += [f"{s}{SUFFIX}" for s in ensembled(self.influence.scores)
-                        if s in ENGINE_SCORES]
-        return tuple(columns)
 
     @property
     def methods(self) -> tuple[str, ...]:
         """The score columns compared: ``prune_by``, or every score computed."""
         return self.prune_by or self.score_columns()
 
-    def data_kwargs(self) -> dict[str, object]:
-        """Keyword arguments of :func:`~prefprune.pipeline.prepare_data` for this experiment."""
-        return {**self.data_options.kwargs(), "fractions": self.split_fractions,
-                "seed": self.split_seed, "validation": self.validation,
-                "validation_options": self.validation_options, "test": self.test,
-                "test_options": self.test_options, "allow_overlap": self.allow_overlap}
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+@dataclass(frozen=True)
+class ValidateConfig(RunConfig):
+    """Settings of ``prefprune validate`` (docs/method.md, section 6): the linear datamodeling
+    score over random subsets, and flip calibration on a copy of the data."""
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **fixed: object) -> ExperimentConfig:
-        """Read and validate a YAML file; every problem names the file and the setting."""
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ExperimentConfigError(str(path), f"not a readable YAML file: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ExperimentConfigError(str(path), "expected a mapping of settings")
-        try:
-            return cls.from_dict(data, **fixed)
-        except ConfigError as exc:
-            raise ExperimentConfigError(str(path), str(exc)) from exc
+    influence: InfluenceConfig = setting(
+        default_factory=lambda: InfluenceConfig(scores=VALIDATE_SCORES), cli=False,
+        help="Scoring settings; influence.scores are the methods validated.")
+    subsets: int = setting(20, min=2, help="Random training subsets retrained for the linear "
+                                           "datamodeling score (LDS).")
+    subset_fraction: float = setting(0.5, above=0.0, max=0.95,
+                                     help="Share of the training pairs each subset keeps.")
+    lds_targets: int = setting(100, min=1, help="Validation pairs whose loss the LDS predicts "
+                                                "(a seeded sample when there are more).")
+    flip_share: float = setting(0.2, min=0.0, max=0.9,
+                                help="Share of training labels flipped in the calibration copy "
+                                     "(0 skips flip calibration).")
+    seed: int = setting(0, help="Seeds the model, the subsets and the injected flips.")
 
 
 #: Methods the demo compares: influence, gradient similarity and the two controls.

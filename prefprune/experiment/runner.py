@@ -27,14 +27,11 @@ from prefprune.data import fingerprint
 from prefprune.detection import detection_report
 from prefprune.errors import ExperimentError
 from prefprune.experiment.config import ExperimentConfig
+from prefprune.experiment.folder import RunFolder, check_splits
 from prefprune.experiment.records import Arm, RunRecord
 from prefprune.experiment.stats import summarise
 from prefprune.files import (
-    check_folder,
-    claim_folder,
-    remove_entries,
     write_json_atomic,
-    write_text_atomic,
 )
 from prefprune.influence.results import sidecar_of
 from prefprune.model import FrozenLayerCache, RewardModel
@@ -44,12 +41,9 @@ from prefprune.pruning import inject_flips, relabel_pairs, remove_pairs, select
 from prefprune.scoring import score_training_pairs
 from prefprune.training import evaluate, train_reward_model
 
-CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
-STATE_FILE = "state.json"
-#: What an experiment writes into its folder (and replaces with ``overwrite``).
-OWN_ENTRIES = (CONFIG_FILE, RESULTS_FILE, STATE_FILE, "models", "scores", "runs", "figures",
-               "report.md", "report.html")
+#: What an experiment writes into its folder besides its settings (``overwrite`` removes them).
+OWN_ENTRIES = (RESULTS_FILE, "models", "scores", "runs", "figures", "report.md", "report.html")
 
 
 def arms_of(config: ExperimentConfig, seed: int) -> list[Arm]:
@@ -98,18 +92,17 @@ class Experiment:
         self.config = config
         self.output = Path(output)
         self.progress = progress
-        self.overwrite = overwrite
+        self.folder = RunFolder(output, "experiment", config, OWN_ENTRIES, overwrite=overwrite)
         self.on_run = on_run
         self.cache = (FrozenLayerCache(config.model.layer_cache_mb)
                       if config.model.uses_layer_cache() else None)
 
     def run(self) -> ExperimentResult:
         start = time.perf_counter()
-        check_folder(self.output, "experiment", resume=True, overwrite=self.overwrite,
-                     inputs=[self.config.data, self.config.validation, self.config.test])
+        self.folder.check()
         data = prepare_data(self.config.data, **self.config.data_kwargs())
-        self._check_splits(data)
-        self._claim_output(data)
+        check_splits(data)
+        self.folder.claim(data)
         runs, detection, tables, texts, agreement = [], {}, {}, {}, {}
         summary = data_summary(data)
         arms = {seed: arms_of(self.config, seed) for seed in self.config.seeds}
@@ -138,49 +131,6 @@ class Experiment:
         return result
 
     # --- bookkeeping ---------------------------------------------------------------------
-
-    def _claim_output(self, data: PreparedData) -> None:
-        """Start the folder, or check that it holds this very experiment on this very data.
-
-        Called only after the config validated and the data loaded, so a bad setting or a
-        bad file never leaves a half-made experiment folder behind.
-        """
-        state = {"fingerprints": split_fingerprints(data)}
-        if self.overwrite:
-            remove_entries(self.output, OWN_ENTRIES)
-        claim_folder(self.output, "experiment", resume=True)
-        config_path, state_path = self.output / CONFIG_FILE, self.output / STATE_FILE
-        if config_path.exists():
-            saved = ExperimentConfig.from_yaml(config_path)
-            if saved.identity() != self.config.identity():
-                raise ExperimentError(
-                    f"{self.output} holds a different experiment (its {CONFIG_FILE} differs); "
-                    "use another --output, rerun with --config "
-                    f"{config_path} to resume it, or pass --overwrite to start afresh")
-            self._check_state(state_path, state)
-            return
-        write_text_atomic(config_path, self.config.to_yaml())
-        write_json_atomic(state_path, state)
-
-    def _check_state(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse to resume on other data: its saved models and runs would be stale."""
-        if not path.exists():
-            raise ExperimentError(f"{self.output} has no {STATE_FILE}, so its saved runs cannot "
-                                  "be matched to the data; pass --overwrite to start afresh")
-        saved = json.loads(path.read_text()).get("fingerprints", {})
-        now = state["fingerprints"]
-        changed = [f"{name} ({saved.get(name)} -> {value})" for name, value in now.items()
-                   if saved.get(name) != value]
-        if changed:
-            raise ExperimentError(
-                f"{self.output} was started on other data: the split fingerprints changed "
-                f"since ({'; '.join(changed)}). Its saved models and runs would be stale: use "
-                "another --output, or pass --overwrite to start afresh")
-
-    def _check_splits(self, data: PreparedData) -> None:
-        for name in ("train", "validation", "test"):
-            if len(data.splits[name]) == 0:
-                raise ExperimentError(f"the {name} split of {data.source} is empty")
 
     def _training_pairs(self, data: PreparedData, seed: int) -> datasets.Dataset:
         train = data.splits["train"]
@@ -300,11 +250,6 @@ class Experiment:
     def _announce(self, record: RunRecord) -> None:
         if self.on_run is not None:
             self.on_run(record)
-
-
-def split_fingerprints(data: PreparedData) -> dict[str, str]:
-    """The fingerprint of every split: what a saved run's results depend on."""
-    return {name: fingerprint(split) for name, split in data.splits.items()}
 
 
 def detect(table: pd.DataFrame, methods: tuple[str, ...],
