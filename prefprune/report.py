@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ import numpy as np
 import pandas as pd
 
 from prefprune.experiment import CONFIG_FILE, ExperimentResult
+from prefprune.experiment.validation import VALIDATE_FILE, format_lds
 from prefprune.files import write_bytes_atomic
 
 #: Metadata columns whose groups a user wants harm summed over (docs/method.md, section 4).
 GROUP_COLUMNS = ("worker", "batch", "policy_pair", "subreddit")
+#: ``prefprune validate --output DIR/validate`` beside an experiment in DIR joins its report.
+VALIDATION_FOLDER = "validate"
 TOP_PAIRS = 10
 
 
@@ -83,9 +87,50 @@ def build_sections(result: ExperimentResult, output: Path,
     sections.append(_accuracy_figure(result))
     if result.summary["detection"]:
         sections += [_detection_table(result), _roc_figure(result)]
+    if result.summary.get("agreement"):
+        sections.append(_agreement_table(result))
     sections.append(_distribution_figure(result))
+    sections += _validation_sections(output / VALIDATION_FOLDER / VALIDATE_FILE)
     sections += _aggregations(result)
     sections.append(_top_pairs(result))
+    return sections
+
+
+def _agreement_table(result: ExperimentResult) -> Section:
+    agreement = result.summary["agreement"]
+    rows = [[score, format_interval(values["spearman"], 3),
+             format_interval(values["top10_overlap"], 3)] for score, values in agreement.items()]
+    return Section("Agreement between ensemble members", text=[
+        "How much the ensemble's members agree on each score, averaged over seeds: the mean "
+        "pairwise Spearman correlation of their harms, and the mean share of one member's top "
+        "10% that another member also puts in its top 10%."],
+        header=["score", "Spearman", "top-10% overlap"], rows=rows)
+
+
+def _validation_sections(path: Path) -> list[Section]:
+    """``prefprune validate`` run into DIR/validate: which score to trust on this data."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    cfg = saved["config"]
+    lds = [[m, format_lds(entry), f"{saved['set_level'][m]['spearman']:.2f}"]
+           for m, entry in saved["lds"].items()]
+    sections = [Section("Which score to trust here: linear datamodeling score", text=[
+        f"From prefprune validate: {cfg['subsets']} models retrained on random "
+        f"{cfg['subset_fraction']:.0%} subsets of the training pairs; per validation pair, the "
+        "Spearman correlation between each score's predicted change of its loss and the actual "
+        "change, averaged over pairs (95% bootstrap interval), and for the validation set as a "
+        "whole. Random is the floor."], header=["score", "LDS (per pair)", "LDS (whole set)"],
+        rows=lds)]
+    flips = saved.get("flip_calibration") or {}
+    if flips:
+        sections.append(Section("Which score to trust here: flip calibration", text=[
+            f"{cfg['flip_share']:.0%} of the training labels flipped on purpose in a copy of "
+            "the data; how well each score finds them."],
+            header=["score", "AUROC", "average precision", "top 10%", "top 20%"],
+            rows=[[m, f"{e['auroc']:.3f}", f"{e['average_precision']:.3f}",
+                   f"{e['found_in_top_10%']:.0%}", f"{e['found_in_top_20%']:.0%}"]
+                  for m, e in flips.items()]))
     return sections
 
 

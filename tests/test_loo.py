@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from prefprune.experiment.validation import (
+    lds_subsets,
+    linear_datamodeling_score,
+    predicted_changes,
+)
 from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.model import RewardModel, RewardModelConfig
 
@@ -209,3 +214,27 @@ def test_pairs_whose_removal_helps_most_are_ranked_harmful(experiment):
     flipped = np.array(experiment.train["flipped"])
     assert np.sign(-harm[flipped].mean()) == np.sign(experiment.actual[flipped].mean())
     assert np.sign(-harm[~flipped].mean()) == np.sign(experiment.actual[~flipped].mean())
+
+
+def test_linear_datamodeling_score_is_high_for_influence_and_flat_for_random(experiment):
+    """The LDS of ``prefprune validate`` on the convex case, with exact retraining: remove
+    half of the pairs (30 seeded subsets), refit, and correlate each validation pair's actual
+    loss change with IF's prediction (the sum of the removed pairs' −harm)."""
+    targets = {f"v{k}": experiment.validation.select([k]) for k in range(N_VAL)}
+    config = InfluenceConfig(scores=("if", "random"), curvature="hessian", solver="direct",
+                             damping=DAMPING, damping_relative=False, score_batch_size=64)
+    table = compute_scores(experiment.model, experiment.train, targets, config,
+                           progress=False).table
+    kept = lds_subsets(N_TRAIN, 30, 0.5, seed=0)
+    base = [val_loss(experiment.x_val[[k]], experiment.theta) for k in range(N_VAL)]
+    actual = np.array([[val_loss(experiment.x_val[[k]], theta) - base[k] for k in range(N_VAL)]
+                       for theta in (fit(experiment.x_train[rows], N_TRAIN, experiment.theta)
+                                     for rows in kept)])
+    influence = linear_datamodeling_score(
+        predicted_changes(table[[f"if@v{k}" for k in range(N_VAL)]].to_numpy(), kept), actual)
+    random = linear_datamodeling_score(predicted_changes(
+        np.repeat(table["random"].to_numpy()[:, None], N_VAL, axis=1), kept), actual)
+    print(f"\nLDS: IF {influence['mean']:.3f} {influence['ci95']}, random "
+          f"{random['mean']:.3f} {random['ci95']}")
+    assert influence["mean"] >= 0.9 and influence["ci95"][0] >= 0.85
+    assert abs(random["mean"]) <= 0.2 and random["ci95"][0] <= 0 <= random["ci95"][1]

@@ -27,7 +27,8 @@ from prefprune.data import DataOptions, load_preferences
 from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import Experiment, ExperimentConfig, demo_config
-from prefprune.experiment.config import DEMO_SEEDS
+from prefprune.experiment.config import DEMO_SEEDS, ValidateConfig
+from prefprune.experiment.validation import VALIDATE_FILE, Validation
 from prefprune.influence import InfluenceConfig
 from prefprune.model import PairEncoder, RewardModelConfig
 from prefprune.model.loading import default_backbone, load_tokenizer
@@ -108,8 +109,14 @@ TRAIN = OptionGroup("train_config", TrainConfig, "Training options")
 INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
                         exclude=frozenset({"seed"}))
 _EXPERIMENT_DEFAULTS = ExperimentConfig()
-EXPERIMENT = OptionGroup("experiment_values", ExperimentConfig, "Experiment options",
+EXPERIMENT = OptionGroup("run_values", ExperimentConfig, "Experiment options",
                          defaults=_EXPERIMENT_DEFAULTS)
+_VALIDATE_DEFAULTS = ValidateConfig()
+VALIDATE = OptionGroup("run_values", ValidateConfig, "Validation options",
+                       defaults=_VALIDATE_DEFAULTS)
+VALIDATE_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
+                                 exclude=frozenset({"seed"}),
+                                 defaults=_VALIDATE_DEFAULTS.influence)
 ENSEMBLE = OptionGroup("ensemble_config", EnsembleConfig, "Ensemble options", prefix="ensemble")
 EXPERIMENT_TRAIN = OptionGroup("train_config", TrainConfig, "Training options",
                                exclude=frozenset({"seed"}))
@@ -346,11 +353,12 @@ def prune_command(
     stdout.print(affected)
 
 
-def experiment_config(config: Path | None, sources: dict[str, str | None],
-                      values: dict[str, dict[str, Any]]) -> ExperimentConfig:
-    """The YAML file (when given, else the defaults) with the typed flags on top."""
-    base = ExperimentConfig.from_yaml(config) if config is not None else _EXPERIMENT_DEFAULTS
-    typed: dict[str, Any] = EXPERIMENT.typed(values["experiment_values"])
+def run_config(group: OptionGroup, config: Path | None, sources: dict[str, str | None],
+               values: dict[str, dict[str, Any]]) -> Any:
+    """An experiment's or validation's settings: the YAML file (when given, else the
+    defaults) with the typed flags on top."""
+    base = group.settings.from_yaml(config) if config is not None else group.base
+    typed: dict[str, Any] = group.typed(values["run_values"])
     typed.update({name: path for name, path in sources.items() if path is not None})
     typed["data_options"] = apply(base.data_options, DATA.typed(values["data_options"]))
     for name, group in (("validation_options", VALIDATION), ("test_options", TEST)):
@@ -377,7 +385,7 @@ def experiment_command(
     train_config: dict[str, Any],
     influence_config: dict[str, Any],
     ensemble_config: dict[str, Any],
-    experiment_values: dict[str, Any],
+    run_values: dict[str, Any],
     data: DataArg = None,
     validation: ValidationArg = None,
     test: TestArg = None,
@@ -390,12 +398,12 @@ def experiment_command(
 ) -> None:
     """Train, score, prune the top-f pairs per method, retrain and compare, over several
     seeds; write results.json, report.md and report.html."""
-    settings = experiment_config(config, {"data": data, "validation": validation,
-                                          "test": test}, {
+    settings = run_config(EXPERIMENT, config, {"data": data, "validation": validation,
+                                               "test": test}, {
         "data_options": data_options, "validation_options": validation_options,
         "test_options": test_options, "model_config": model_config,
         "train_config": train_config, "influence_config": influence_config,
-        "ensemble_config": ensemble_config, "experiment_values": experiment_values})
+        "ensemble_config": ensemble_config, "run_values": run_values})
     _device(settings.train.device)
     result = Experiment(settings, output, progress=not quiet, overwrite=overwrite,
                         on_run=None if quiet or json_output else _print_run).run()
@@ -407,6 +415,48 @@ def experiment_command(
     render.print_headline(result)
     stdout.print(f"wrote {escape(str(output / 'results.json'))}, "
                  f"{escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
+
+
+@app.command("validate")
+@with_options(DATA, VALIDATION, TEST, MODEL, EXPERIMENT_TRAIN, VALIDATE_INFLUENCE, ENSEMBLE,
+              VALIDATE)
+def validate_command(
+    output: Annotated[Path, typer.Option(help="Folder for config.yaml, models, scores, the "
+                                              "subset runs and validate.json; rerun to resume.")],
+    data_options: dict[str, Any],
+    validation_options: dict[str, Any],
+    test_options: dict[str, Any],
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    influence_config: dict[str, Any],
+    ensemble_config: dict[str, Any],
+    run_values: dict[str, Any],
+    data: DataArg = None,
+    validation: ValidationArg = None,
+    test: TestArg = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
+        exists=True, dir_okay=False)] = None,
+    overwrite: OverwriteFlag = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Which score to trust on DATA: the linear datamodeling score (retrain on random subsets,
+    correlate each score's predicted loss changes with the actual ones) and flip calibration
+    (find labels flipped on purpose in a copy of DATA)."""
+    settings = run_config(VALIDATE, config, {"data": data, "validation": validation,
+                                             "test": test}, {
+        "data_options": data_options, "validation_options": validation_options,
+        "test_options": test_options, "model_config": model_config,
+        "train_config": train_config, "influence_config": influence_config,
+        "ensemble_config": ensemble_config, "run_values": run_values})
+    _device(settings.train.device)
+    result = Validation(settings, output, progress=not quiet, overwrite=overwrite).run()
+    if json_output:
+        print_json({"validate": str(output / VALIDATE_FILE), **result.to_dict()})
+        return
+    render.print_validation(result)
+    stdout.print(f"wrote {escape(str(output / VALIDATE_FILE))}")
 
 
 def _print_run(record: Any) -> None:

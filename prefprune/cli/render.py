@@ -23,6 +23,7 @@ from rich.table import Column, Table
 from prefprune.data import IngestionReport
 from prefprune.errors import PrefpruneWarning
 from prefprune.experiment import ExperimentResult, headline
+from prefprune.experiment.validation import ValidationResult, format_lds
 from prefprune.model import Truncation
 from prefprune.pipeline import TrainOutcome, data_summary, metrics_dict
 from prefprune.report import format_interval
@@ -181,3 +182,30 @@ def print_headline(result: ExperimentResult) -> None:
     if any(row.get("detection") for row in rows):
         stdout.print("flip AUROC: how well the score ranks the wrong labels first (0.5 = "
                      "chance); top 10%: the share of all wrong labels among its top 10%.")
+
+
+def print_validation(result: ValidationResult) -> None:
+    """The LDS per score (mean over targets with a bootstrap interval, and for the whole
+    validation set) and the flip calibration; both sized for an 80-column terminal."""
+    data = result.data
+    lds = Table("score", "LDS (per pair)", "LDS (whole set)", box=box.SIMPLE_HEAD,
+                pad_edge=False,
+                title=f"linear datamodeling score: {result.config.subsets} retrains on "
+                      f"{result.config.subset_fraction:.0%} subsets, {data['lds_targets']} "
+                      "validation pairs; Spearman of predicted vs actual loss change, 95% "
+                      "bootstrap interval")
+    for method, entry in result.lds.items():
+        whole = result.set_level[method]
+        interval = whole.get("ci95")
+        lds.add_row(method, format_lds(entry), f"{whole['spearman']:.2f}" + (
+            f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
+    stdout.print(lds)
+    if result.flips:
+        flips = Table("score", "AUROC", "avg precision", "top 10%", "top 20%",
+                      box=box.SIMPLE_HEAD, pad_edge=False,
+                      title=f"flip calibration: {result.config.flip_share:.0%} of the training "
+                            "labels flipped on purpose; how well each score finds them")
+        for method, entry in result.flips.items():
+            flips.add_row(method, f"{entry['auroc']:.3f}", f"{entry['average_precision']:.3f}",
+                          f"{entry['found_in_top_10%']:.0%}", f"{entry['found_in_top_20%']:.0%}")
+        stdout.print(flips)
