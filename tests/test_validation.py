@@ -94,11 +94,13 @@ def test_a_validation_beside_an_experiment_joins_its_report(validated, tiny_bert
 
     root, _, _ = validated
     experiment = root / "exp"
-    shutil.copytree(root / "out", experiment / "validate")
-    result = run_cli("experiment", root / "syn.jsonl", "--output", experiment, "--backbone",
-                     tiny_bert, "--max-length", "48", "--epochs", "1", "--seeds", "0",
-                     "--fractions", "0.2", "--scores", "loss,random", "--no-helpful",
-                     "--no-relabel", "--quiet")
+    args = ("experiment", root / "syn.jsonl", "--output", experiment, "--backbone", tiny_bert,
+            "--max-length", "48", "--epochs", "1", "--seeds", "0", "--fractions", "0.2",
+            "--scores", "loss,random", "--no-helpful", "--no-relabel", "--quiet")
+    assert run_cli(*args).exit_code == 0
+    assert "Which score to trust" not in (experiment / "report.md").read_text()
+    shutil.copytree(root / "out", experiment / "validate")  # as `validate --output exp/validate`
+    result = run_cli(*args)  # resumes: nothing trains, the report is written again
     assert result.exit_code == 0, result.output
     report = (experiment / "report.md").read_text()
     assert "Which score to trust here: linear datamodeling score" in report
