@@ -22,11 +22,14 @@ import datasets
 from prefprune import distributed
 from prefprune.checkpoints import CheckpointCapture
 from prefprune.data import (
+    PLAIN,
     DataOptions,
     IngestionReport,
+    Rendering,
     default_dataset_path,
     fingerprint,
     load_preferences,
+    rendering_for,
     split_preferences,
 )
 from prefprune.ensemble import EnsembleConfig
@@ -35,7 +38,12 @@ from prefprune.files import check_folder, check_output_file, claim_folder
 from prefprune.influence.config import InfluenceConfig
 from prefprune.influence.results import ScoreResult, is_score_sidecar, is_score_table, sidecar_of
 from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
-from prefprune.model.loading import read_json
+from prefprune.model.loading import (
+    default_backbone,
+    load_tokenizer,
+    read_json,
+    saved_tokenizer_source,
+)
 from prefprune.scoring import score_training_pairs
 from prefprune.training import (
     Capture,
@@ -68,6 +76,8 @@ class PreparedData:
     #: trusted, expert-labelled target) with its own ingestion report.
     origins: dict[str, str] = field(default_factory=dict)
     held_out_reports: dict[str, IngestionReport] = field(default_factory=dict)
+    #: How message lists were rendered to text (models record it, to read data the same way).
+    rendering: str = PLAIN.name
 
     def sizes(self) -> dict[str, int]:
         """Pairs per split, for summaries."""
@@ -77,22 +87,22 @@ class PreparedData:
 def prepare_data(
     source: str | os.PathLike | None = None,
     *,
-    format: str = "auto",
-    columns: Mapping[str, str] | None = None,
-    strict: bool = False,
+    options: DataOptions | None = None,
     fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
     seed: int = 0,
-    hub_config: str | None = None,
-    hub_split: str | None = None,
-    data_dir: str | None = None,
-    hub: bool = False,
+    rendering: Rendering | None = None,
     validation: str | os.PathLike | None = None,
     validation_options: DataOptions | None = None,
     test: str | os.PathLike | None = None,
     test_options: DataOptions | None = None,
     allow_overlap: bool = False,
+    **reading: Any,
 ) -> PreparedData:
     """Load ``source`` (``None``: the embedded synthetic set) and split it train/validation/test.
+
+    ``options`` (or the same fields as keywords, ``format="hh"``) say how to read it, and
+    ``rendering`` how message lists become text (:mod:`prefprune.data.messages`; default: the
+    plain rendering).
 
     The source's own splits win when it has them (see :func:`split_preferences`); ``fractions``
     and ``seed`` only shape a prompt-grouped split of data without them. ``validation`` and
@@ -103,17 +113,18 @@ def prepare_data(
     ``allow_overlap``.
     """
     path = default_dataset_path() if source is None else source
-    loaded = load_preferences(path, format=format, columns=columns, strict=strict,
-                              hub_config=hub_config, hub_split=hub_split, data_dir=data_dir,
-                              hub=hub)
+    options = (options or DataOptions()).replace(**reading)
+    rendering = rendering or PLAIN
+    loaded = load_preferences(path, **options.kwargs(), rendering=rendering)
     splits = split_preferences(loaded.dataset, fractions=fractions, seed=seed)
     origins = {name: f"the {name} split of {path}" for name in ("validation", "test")}
     reports = {}
-    for name, held_out, options in (("validation", validation, validation_options),
-                                    ("test", test, test_options)):
+    for name, held_out, held_options in (("validation", validation, validation_options),
+                                         ("test", test, test_options)):
         if held_out is None:
             continue
-        separate = load_preferences(held_out, **(options or DataOptions()).kwargs())
+        separate = load_preferences(held_out, **(held_options or DataOptions()).kwargs(),
+                                    rendering=rendering)
         if separate.report.kept == 0:
             raise DataError(f"{held_out}: no usable pairs for the {name} set "
                             f"({separate.report.read} rows read, all skipped)")
@@ -122,7 +133,7 @@ def prepare_data(
         origins[name] = str(held_out)
         reports[name] = separate.report
     return PreparedData(splits, loaded.report, fingerprint(splits["train"]), str(path),
-                        fingerprint(loaded.dataset), origins, reports)
+                        fingerprint(loaded.dataset), origins, reports, rendering.name)
 
 
 def _pair_keys(pairs: datasets.Dataset) -> dict[tuple[str, frozenset[str]], str]:
@@ -142,6 +153,20 @@ def _check_overlap(held_out: datasets.Dataset, train: datasets.Dataset, name: st
                         "training. Remove them, or pass --allow-overlap to use it anyway")
 
 
+def rendering_of(model: RewardModelConfig | str | os.PathLike | None = None, *,
+                 trust_remote_code: bool = False) -> Rendering:
+    """How this model reads message lists: its tokenizer's chat template when it has one,
+    else the plain rendering. ``model`` is a config (of a model to train) or a saved model
+    folder; only the tokenizer is loaded."""
+    if model is None or isinstance(model, RewardModelConfig):
+        config = model or RewardModelConfig()
+        source = config.backbone or default_backbone()
+        trust_remote_code = trust_remote_code or config.trust_remote_code
+    else:
+        source = saved_tokenizer_source(Path(model))
+    return rendering_for(load_tokenizer(source, trust_remote_code))
+
+
 def data_summary(data: PreparedData) -> dict[str, Any]:
     """What was read and how it was split: the head of every result file and printout."""
     report = data.report
@@ -150,6 +175,7 @@ def data_summary(data: PreparedData) -> dict[str, Any]:
             "skipped_by_reason": report.by_reason(), "sizes": data.sizes(),
             "train_fingerprint": data.fingerprint,
             "source_fingerprint": data.source_fingerprint, "origins": dict(data.origins),
+            "rendering": data.rendering,
             "held_out": {name: {k: v for k, v in r.to_dict().items() if k != "skipped"}
                          for name, r in data.held_out_reports.items()}}
 
@@ -227,6 +253,7 @@ def save_outcome(outcome: TrainOutcome, train_config: TrainConfig, output: Path,
         metrics=metrics_dict(outcome.metrics),
         train=outcome.train.to_dict(),
         truncation={k: v.to_dict() for k, v in outcome.truncation.items()},
+        rendering=outcome.data.rendering,
     )
 
 
@@ -373,6 +400,7 @@ def score_pairs(
     result.metadata["source"] = data.source
     result.metadata["source_fingerprint"] = data.source_fingerprint
     result.metadata["influence_target"] = data.origins.get("validation")
+    result.metadata["rendering"] = data.rendering
     result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
     if trained is not None:
         result.metadata["model_metrics"] = metrics_dict(trained.metrics)
@@ -385,7 +413,12 @@ def score_pairs(
 
 
 def _warn_if_other_data(model: RewardModel, data: PreparedData) -> None:
-    """Scoring a model on pairs it was not trained on is allowed, but the user should know."""
+    """Scoring a model on pairs it was not trained on, or read differently, is allowed, but
+    the user should know."""
+    rendered = model.metadata.get("rendering")
+    if rendered and rendered != data.rendering and distributed.is_main_process():
+        warnings.warn(f"the model read its training messages with the {rendered} rendering, "
+                      f"this data with {data.rendering}", StaleDataWarning, stacklevel=2)
     trained_on = model.metadata.get("data_fingerprint")
     if trained_on and trained_on != data.fingerprint and distributed.is_main_process():
         warnings.warn(f"the model was trained on other pairs (train fingerprint {trained_on}) "

@@ -23,7 +23,7 @@ from prefprune import distributed
 from prefprune.cli import render
 from prefprune.cli.options import OptionGroup, apply, with_options
 from prefprune.cli.render import fail, print_json, stdout
-from prefprune.data import DataOptions, load_preferences
+from prefprune.data import DataOptions, load_preferences, rendering_for
 from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import Experiment, ExperimentConfig, demo_config
@@ -38,6 +38,7 @@ from prefprune.pipeline import (
     metrics_dict,
     prepare_data,
     recorded_seed,
+    rendering_of,
     score_pairs,
     train_and_evaluate,
 )
@@ -174,11 +175,11 @@ def inspect_command(
 ) -> None:
     """Load a source and show what was kept, what was skipped and why, how many pairs lose
     text at --max-length, and a few pairs."""
-    loaded = load_preferences(path, **_data(data_options).kwargs())
     model = TOKENIZER.build(model_config)
-    source = model.backbone or default_backbone()
-    encoder = PairEncoder(load_tokenizer(source, model.trust_remote_code), model.max_length)
-    cut = encoder.truncation(loaded.dataset)
+    tokenizer = load_tokenizer(model.backbone or default_backbone(), model.trust_remote_code)
+    loaded = load_preferences(path, **_data(data_options).kwargs(),
+                              rendering=rendering_for(tokenizer))
+    cut = PairEncoder(tokenizer, model.max_length).truncation(loaded.dataset)
     if json_output:
         print_json({"report": loaded.report.to_dict(), "truncation": cut.to_dict(),
                     "examples": loaded.dataset.select(range(min(examples, len(loaded.dataset))))
@@ -206,9 +207,11 @@ def train_command(
     """Train a LoRA reward model on DATA's train split and evaluate it on the held-out splits."""
     train = TRAIN.build(train_config)
     _device(train.device)
-    prepared = prepare_data(data, seed=train.seed, **_data(data_options).kwargs())
-    outcome = train_and_evaluate(prepared, MODEL.build(model_config), train, output=output,
-                                 overwrite=overwrite, progress=not quiet)
+    model = MODEL.build(model_config)
+    prepared = prepare_data(data, seed=train.seed, options=_data(data_options),
+                            rendering=rendering_of(model))
+    outcome = train_and_evaluate(prepared, model, train, output=output, overwrite=overwrite,
+                                 progress=not quiet)
     if not distributed.is_main_process():
         return
     if json_output:
@@ -237,7 +240,8 @@ def evaluate_command(
     """Evaluate a saved reward model on a split of DATA: accuracy, loss, margin statistics."""
     _device(device)
     split_seed = recorded_seed(model) if seed is None else seed
-    prepared = prepare_data(data, seed=split_seed, **_data(data_options).kwargs())
+    prepared = prepare_data(data, seed=split_seed, options=_data(data_options),
+                            rendering=rendering_of(model, trust_remote_code=trust_remote_code))
     result = evaluate_saved(model, prepared, split, device=device, progress=not quiet,
                             trust_remote_code=trust_remote_code)
     if not distributed.is_main_process():
@@ -281,11 +285,13 @@ def score_command(
     _device(train.device)
     seed = recorded_seed(model) if model is not None else train.seed
     influence = apply(INFLUENCE.build(influence_config), {"seed": seed})
-    prepared = prepare_data(data, seed=seed, **_data(data_options).kwargs(),
+    model_settings = MODEL.build(model_config)
+    reader = rendering_of(model if model is not None else model_settings,
+                          trust_remote_code=model_settings.trust_remote_code)
+    prepared = prepare_data(data, seed=seed, options=_data(data_options), rendering=reader,
                             validation=validation,
                             validation_options=VALIDATION.build(validation_options),
                             allow_overlap=allow_overlap)
-    model_settings = MODEL.build(model_config)
     outcome = score_pairs(prepared, model, influence, model_config=model_settings,
                           train_config=None if model is not None else train,
                           ensemble=ENSEMBLE.build(ensemble_config),

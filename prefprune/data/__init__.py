@@ -4,6 +4,7 @@ Public names are re-exported here; see each module for the reasons behind the ru
 """
 
 from prefprune.data.loader import LoadResult, load_preferences
+from prefprune.data.messages import PLAIN, Rendering, rendering_for
 from prefprune.data.options import FORMATS, DataOptions
 from prefprune.data.report import IngestionReport, SkippedRow
 from prefprune.data.splits import fingerprint, split_preferences
@@ -19,10 +20,12 @@ from prefprune.errors import DataError
 __all__ = [
     "FORMATS",
     "GENERATOR_VERSION",
+    "PLAIN",
     "DataError",
     "DataOptions",
     "IngestionReport",
     "LoadResult",
+    "Rendering",
     "SkippedRow",
     "default_dataset_path",
     "default_expert_validation_path",
@@ -30,5 +33,6 @@ __all__ = [
     "fingerprint",
     "generate_synthetic",
     "load_preferences",
+    "rendering_for",
     "split_preferences",
 ]

@@ -1,17 +1,41 @@
-"""Turn one raw record into a canonical preference pair (TL;DR, HH-RLHF or generic).
+"""Turn one raw record into a canonical preference pair, in the layout it comes in.
 
-Each converter either returns a :class:`Pair` or raises :class:`RowIssue` with a
-stable reason, so the loader can keep or report every row.
+Layouts (``format``), detected from the first record's keys after the column mapping:
+
+* ``tldr``: the TL;DR comparisons layout (``info``, ``summaries``, ``choice``).
+* ``hh``: HH-RLHF transcripts; the prompt is everything up to the last ``\n\nAssistant:``.
+* ``generic``: explicit ``prompt``/``chosen``/``rejected`` (TRL's standard preference format),
+  as strings, or as message lists (TRL's conversational format: ``prompt`` a list of
+  ``{role, content}`` turns, ``chosen``/``rejected`` lists of assistant messages).
+* ``implicit``: ``chosen``/``rejected`` are whole conversations (strings or message lists)
+  sharing their prompt, TRL's implicit-prompt format; the shared beginning is the prompt.
+* ``pairwise``: two answers and a label (``response_a``, ``response_b``, ``label``), see
+  :mod:`prefprune.data.pairwise`.
+
+Message lists are rendered to text by the :class:`~prefprune.data.fields.ReadContext`'s
+rendering (:mod:`prefprune.data.messages`). Each converter either returns a :class:`Pair` or
+raises :class:`RowIssue` with a stable reason, so the loader can keep or report every row.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
+from prefprune.data.fields import (
+    Pair,
+    ReadContext,
+    check_distinct,
+    check_responses,
+    make_pair,
+    object_of,
+    row_hash,
+    split_of,
+    text_of,
+    user_id,
+    value_of,
+)
+from prefprune.data.messages import explicit_texts, implicit_texts, is_messages
+from prefprune.data.pairwise import PAIRWISE_COLUMNS, convert_pairwise
 from prefprune.data.report import RowIssue
 from prefprune.errors import DataError
 
@@ -27,100 +51,33 @@ CANONICAL_COLUMNS = (
     "source_split",
 )
 #: Canonical names a user may map onto their own column names.
-MAPPABLE = ("id", "prompt", "chosen", "rejected")
+MAPPABLE = ("id", "prompt", "chosen", "rejected", *PAIRWISE_COLUMNS)
 #: The turn marker that ends an HH-RLHF prompt.
 HH_MARKER = "\n\nAssistant:"
 _TLDR_KEYS = frozenset({"info", "summaries", "choice", "worker", "batch", "split", "extra"})
 
-
-@dataclass
-class Pair:
-    """A converted row: the canonical text fields plus verbatim source metadata."""
-
-    id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    split: str | None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-Converter = Callable[[dict, Mapping[str, str], "str | None"], Pair]
-
-
-def row_hash(record: Any) -> str:
-    """sha256 hex of the record's canonical JSON: a stable id for rows without one."""
-    text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                      default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+Converter = Callable[[dict, ReadContext, "str | None"], Pair]
 
 
 def detect_format(record: dict, mapping: Mapping[str, str]) -> str:
-    """Guess the format from one record's keys (after the user's column mapping)."""
+    """Guess the layout from one record's keys (after the user's column mapping)."""
     keys = set(record)
     present = {name for name in MAPPABLE if mapping.get(name, name) in keys}
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
+    if set(PAIRWISE_COLUMNS) <= present:
+        return "pairwise"
     if {"prompt", "chosen", "rejected"} <= present:
         return "generic"
     if {"chosen", "rejected"} <= present:
-        return "hh"
+        chosen = record[mapping.get("chosen", "chosen")]
+        return "hh" if isinstance(chosen, str) and HH_MARKER in chosen else "implicit"
     raise DataError(
         f"cannot detect the format from the keys {sorted(keys)}: expected TL;DR "
-        "(info, summaries, choice), HH-RLHF (chosen, rejected) or generic "
-        "(prompt, chosen, rejected); pass format= or columns="
+        "(info, summaries, choice), prompt/chosen/rejected (text or message lists), "
+        "chosen/rejected whole conversations (HH-RLHF or implicit prompt), or "
+        "response_a/response_b/label; pass format= or map your columns"
     )
-
-
-def _value(record: dict, key: str, label: str) -> Any:
-    """The value at ``key``; absent or null is a missing field."""
-    value = record.get(key)
-    if value is None:
-        raise RowIssue("missing_field", label, f"'{label}' is missing or null")
-    return value
-
-
-def _text(record: dict, key: str, label: str) -> str:
-    """A non-blank string field."""
-    value = _value(record, key, label)
-    if not isinstance(value, str):
-        raise RowIssue("wrong_type", label, f"'{label}' is {type(value).__name__}, not str")
-    if not value.strip():
-        raise RowIssue("empty_field", label, f"'{label}' is empty")
-    return value
-
-
-def _object(record: dict, key: str, label: str) -> dict:
-    """A JSON-object field."""
-    value = _value(record, key, label)
-    if not isinstance(value, dict):
-        raise RowIssue("wrong_type", label, f"'{label}' is {type(value).__name__}, not an object")
-    return value
-
-
-def _check_distinct(chosen: str, rejected: str, label: str) -> None:
-    """Two responses that differ only in surrounding whitespace express no preference."""
-    if chosen.strip() == rejected.strip():
-        raise RowIssue("identical_responses", label, "the two responses are identical")
-
-
-def _user_id(record: dict, mapping: Mapping[str, str]) -> str | None:
-    """The user's own id (mapped column, or a column named ``id``), as a string."""
-    key = mapping.get("id", "id")
-    if key not in record:
-        return None
-    value = _value(record, key, key)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise RowIssue("wrong_type", key, f"id '{key}' is {type(value).__name__}, not str/int")
-    if not str(value).strip():
-        raise RowIssue("empty_field", key, f"id '{key}' is empty")
-    return str(value)
-
-
-def _split_of(record: dict, container_split: str | None) -> str | None:
-    """A record's own ``split`` field wins over the split it was stored under."""
-    value = record.get("split")
-    return value if isinstance(value, str) else container_split
 
 
 def tldr_prompt(info: dict) -> str:
@@ -130,19 +87,19 @@ def tldr_prompt(info: dict) -> str:
     mostly empty; the article followed by the same ``TL;DR:`` cue is our choice.
     """
     if info.get("post") is not None:
-        post = _text(info, "post", "info.post")
-        title = _text(info, "title", "info.title")
-        subreddit = _text(info, "subreddit", "info.subreddit")
+        post = text_of(info, "post", "info.post")
+        title = text_of(info, "title", "info.title")
+        subreddit = text_of(info, "subreddit", "info.subreddit")
         return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
     if info.get("article") is None:
         detail = "neither 'info.post' nor 'info.article' is set"
         raise RowIssue("missing_field", "info.post", detail)
-    return f"ARTICLE: {_text(info, 'article', 'info.article')}\n\nTL;DR:"
+    return f"ARTICLE: {text_of(info, 'article', 'info.article')}\n\nTL;DR:"
 
 
 def _summaries(record: dict) -> list[dict]:
     """Exactly two summary objects."""
-    summaries = _value(record, "summaries", "summaries")
+    summaries = value_of(record, "summaries", "summaries")
     if not isinstance(summaries, list):
         raise RowIssue("wrong_type", "summaries", "'summaries' is not a list")
     if len(summaries) != 2:
@@ -155,7 +112,7 @@ def _summaries(record: dict) -> list[dict]:
 
 def _choice(record: dict) -> int:
     """The index of the preferred summary: 0 or 1."""
-    choice = _value(record, "choice", "choice")
+    choice = value_of(record, "choice", "choice")
     if isinstance(choice, bool) or not isinstance(choice, int):
         raise RowIssue("wrong_type", "choice", f"'choice' is {type(choice).__name__}, not int")
     if choice not in (0, 1):
@@ -163,15 +120,15 @@ def _choice(record: dict) -> int:
     return choice
 
 
-def convert_tldr(record: dict, mapping: Mapping[str, str], split: str | None) -> Pair:
+def convert_tldr(record: dict, context: ReadContext, split: str | None) -> Pair:
     """A TL;DR comparison: chosen is ``summaries[choice]``, rejected the other one."""
-    info = _object(record, "info", "info")
+    info = object_of(record, "info", "info")
     summaries = _summaries(record)
     choice = _choice(record)
     prompt = tldr_prompt(info)
-    texts = [_text(s, "text", f"summaries[{i}].text") for i, s in enumerate(summaries)]
-    _check_distinct(texts[0], texts[1], "summaries")
-    post_id = _text(info, "id", "info.id")
+    texts = [text_of(s, "text", f"summaries[{i}].text") for i, s in enumerate(summaries)]
+    check_distinct(texts[0], texts[1], "summaries")
+    post_id = text_of(info, "id", "info.id")
     extra = record.get("extra")
     if extra is not None and not isinstance(extra, dict):
         raise RowIssue("wrong_type", "extra", "'extra' is not an object or null")
@@ -191,8 +148,8 @@ def convert_tldr(record: dict, mapping: Mapping[str, str], split: str | None) ->
         **extra,
         **{k: v for k, v in record.items() if k not in _TLDR_KEYS},
     }
-    row_id = _user_id(record, mapping) or f"{post_id}/{row_hash(record)[:12]}"
-    return Pair(row_id, prompt, texts[choice], texts[1 - choice], _split_of(record, split), meta)
+    row_id = user_id(record, context) or f"{post_id}/{row_hash(record)[:12]}"
+    return Pair(row_id, prompt, texts[choice], texts[1 - choice], split_of(record, split), meta)
 
 
 def split_transcript(transcript: str, label: str) -> tuple[str, str]:
@@ -208,46 +165,47 @@ def split_transcript(transcript: str, label: str) -> tuple[str, str]:
     return transcript[:end], transcript[end:]
 
 
-def _other_columns(record: dict, used: set[str]) -> dict[str, Any]:
-    """Unmapped user columns, kept verbatim as metadata."""
-    return {k: v for k, v in record.items() if k not in used}
-
-
-def convert_hh(record: dict, mapping: Mapping[str, str], split: str | None) -> Pair:
+def convert_hh(record: dict, context: ReadContext, split: str | None) -> Pair:
     """An HH-RLHF pair of full transcripts that must share the prompt."""
-    keys = {name: mapping.get(name, name) for name in ("chosen", "rejected")}
-    prompt, chosen = split_transcript(_text(record, keys["chosen"], keys["chosen"]),
-                                      keys["chosen"])
-    other, rejected = split_transcript(_text(record, keys["rejected"], keys["rejected"]),
-                                       keys["rejected"])
+    keys = (context.key("chosen"), context.key("rejected"))
+    prompt, chosen = split_transcript(text_of(record, keys[0], keys[0]), keys[0])
+    other, rejected = split_transcript(text_of(record, keys[1], keys[1]), keys[1])
     if prompt != other:
         at = next(i for i, (a, b) in enumerate(zip(prompt + "\0", other + "\0")) if a != b)
-        raise RowIssue("hh_prompt_mismatch", keys["rejected"],
+        raise RowIssue("hh_prompt_mismatch", keys[1],
                        f"chosen and rejected transcripts differ before the last turn "
                        f"(first difference at character {at})")
-    for name, response in (("chosen", chosen), ("rejected", rejected)):
-        if not response.strip():
-            raise RowIssue("empty_field", keys[name], f"the '{keys[name]}' response is empty")
-    _check_distinct(chosen, rejected, keys["rejected"])
-    row_id = _user_id(record, mapping) or row_hash(record)[:16]
-    used = {*keys.values(), mapping.get("id", "id"), "split"}
-    return Pair(row_id, prompt, chosen, rejected, _split_of(record, split),
-                _other_columns(record, used))
+    check_responses(chosen, rejected, keys)
+    return make_pair(record, context, split, (prompt, chosen, rejected), set(keys))
 
 
-def convert_generic(record: dict, mapping: Mapping[str, str], split: str | None) -> Pair:
-    """A row with prompt/chosen/rejected columns (possibly under the user's names)."""
-    keys = {name: mapping.get(name, name) for name in MAPPABLE}
-    prompt, chosen, rejected = (_text(record, keys[n], keys[n])
-                                for n in ("prompt", "chosen", "rejected"))
-    _check_distinct(chosen, rejected, keys["rejected"])
-    row_id = _user_id(record, mapping) or row_hash(record)[:16]
-    return Pair(row_id, prompt, chosen, rejected, _split_of(record, split),
-                _other_columns(record, {*keys.values(), "split"}))
+def convert_generic(record: dict, context: ReadContext, split: str | None) -> Pair:
+    """Explicit prompt/chosen/rejected: three strings, or three message lists."""
+    keys = tuple(context.key(n) for n in ("prompt", "chosen", "rejected"))
+    values = [value_of(record, key, key) for key in keys]
+    if any(is_messages(v) for v in values):
+        prompt, chosen, rejected = explicit_texts(values, keys, context.rendering)
+        check_responses(chosen, rejected, keys[1:])
+    else:
+        prompt, chosen, rejected = (text_of(record, key, key) for key in keys)
+        check_distinct(chosen, rejected, keys[2])
+    return make_pair(record, context, split, (prompt, chosen, rejected), set(keys))
+
+
+def convert_implicit(record: dict, context: ReadContext, split: str | None) -> Pair:
+    """Chosen and rejected as whole conversations with an implicit (shared) prompt."""
+    keys = (context.key("chosen"), context.key("rejected"))
+    prompt, chosen, rejected = implicit_texts(value_of(record, keys[0], keys[0]),
+                                              value_of(record, keys[1], keys[1]), keys,
+                                              context.rendering)
+    check_responses(chosen, rejected, keys)
+    return make_pair(record, context, split, (prompt, chosen, rejected), set(keys))
 
 
 CONVERTERS: dict[str, Converter] = {
     "tldr": convert_tldr,
     "hh": convert_hh,
     "generic": convert_generic,
+    "implicit": convert_implicit,
+    "pairwise": convert_pairwise,
 }

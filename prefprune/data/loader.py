@@ -12,14 +12,15 @@ import datasets
 import pyarrow as pa
 
 from prefprune.data.containers import Container, RawRow, read_container
+from prefprune.data.fields import Pair, ReadContext
 from prefprune.data.formats import (
     CANONICAL_COLUMNS,
     CONVERTERS,
     MAPPABLE,
     Converter,
-    Pair,
     detect_format,
 )
+from prefprune.data.messages import PLAIN, Rendering
 from prefprune.data.options import FORMATS
 from prefprune.data.report import IngestionReport, RowIssue, SkippedRow
 from prefprune.data.splits import SOURCE_SPLITS
@@ -55,6 +56,8 @@ def load_preferences(
     hub_split: str | None = None,
     data_dir: str | None = None,
     hub: bool = False,
+    label_values: tuple[str, str] | None = None,
+    rendering: Rendering | None = None,
 ) -> LoadResult:
     """Load preference pairs from a file, a saved dataset directory or a hub name.
 
@@ -64,9 +67,10 @@ def load_preferences(
     user's column names. ``source_row`` is the 1-based line for JSON-lines
     input and the 0-based record index otherwise (see ``containers``).
     """
-    container, fmt, mapping = open_source(source, format, columns, hub_config=hub_config,
-                                          hub_split=hub_split, data_dir=data_dir, hub=hub)
-    pairs, skipped = _convert_all(container, fmt, mapping, strict)
+    container, fmt, context = open_source(source, format, columns, hub_config=hub_config,
+                                          hub_split=hub_split, data_dir=data_dir, hub=hub,
+                                          label_values=label_values, rendering=rendering)
+    pairs, skipped = _convert_all(container, fmt, context, strict)
     pairs = _drop_unplaceable(pairs, skipped, container, strict)
     report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
                              container.kind)
@@ -76,7 +80,8 @@ def load_preferences(
 def open_source(source: str | os.PathLike, format: str = "auto",
                 columns: Mapping[str, str] | None = None, *, hub_config: str | None = None,
                 hub_split: str | None = None, data_dir: str | None = None,
-                hub: bool = False) -> tuple[Container, str, dict[str, str]]:
+                hub: bool = False, label_values: tuple[str, str] | None = None,
+                rendering: Rendering | None = None) -> tuple[Container, str, ReadContext]:
     """The raw rows of ``source``, its layout (``format``, or detected) and the checked column
     mapping: everything a reader or a writer of the source needs to find its pairs."""
     if format not in FORMATS:
@@ -84,7 +89,8 @@ def open_source(source: str | os.PathLike, format: str = "auto",
     container = read_container(source, hub_config=hub_config, hub_split=hub_split,
                                data_dir=data_dir, hub=hub)
     mapping = check_mapping(dict(columns or {}), container)
-    return container, (format if format != "auto" else detect_layout(container, mapping)), mapping
+    fmt = format if format != "auto" else detect_layout(container, mapping)
+    return container, fmt, ReadContext(mapping, label_values, rendering or PLAIN)
 
 
 def check_mapping(mapping: dict[str, str], container: Container) -> dict[str, str]:
@@ -111,7 +117,7 @@ def detect_layout(container: Container, mapping: Mapping[str, str]) -> str:
 
 
 def _convert_all(
-    container: Container, fmt: str, mapping: Mapping[str, str], strict: bool
+    container: Container, fmt: str, context: ReadContext, strict: bool
 ) -> tuple[list[tuple[RawRow, Pair]], list[SkippedRow]]:
     """Convert every row; collect issues, or raise on the first one when strict."""
     convert = CONVERTERS[fmt]
@@ -120,7 +126,7 @@ def _convert_all(
     seen: dict[str, int] = {}
     for raw in container.rows:
         try:
-            pair = _convert_one(raw, convert, mapping)
+            pair = _convert_one(raw, convert, context)
             _check_unique(pair.id, raw.position, seen, container.unit)
         except RowIssue as issue:
             row = SkippedRow(container.label, raw.position, issue.field, issue.reason,
@@ -157,14 +163,14 @@ def _drop_unplaceable(pairs: list[tuple[RawRow, Pair]], skipped: list[SkippedRow
     return kept
 
 
-def _convert_one(raw: RawRow, convert: Converter, mapping: Mapping[str, str]) -> Pair:
+def _convert_one(raw: RawRow, convert: Converter, context: ReadContext) -> Pair:
     """One raw row through the format's converter."""
     if raw.error is not None:
         raise RowIssue(raw.error_reason, None, raw.error)
     if not isinstance(raw.record, dict):
         raise RowIssue("wrong_type", None,
                        f"record is {type(raw.record).__name__}, not an object")
-    return convert(raw.record, mapping, raw.split)
+    return convert(raw.record, context, raw.split)
 
 
 def _check_unique(row_id: str, position: int, seen: dict[str, int], unit: str) -> None:

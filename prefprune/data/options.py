@@ -33,6 +33,11 @@ class DataOptions(Settings):
     data_dir: str | None = setting(None, help="data_dir argument of a hub dataset.")
     hub: bool = setting(False, help="Read DATA as a hub dataset name. Without it only names "
                                     "shaped like owner/name go to the hub.")
+    label_values: tuple[str, str] | None = setting(
+        None, metavar="A,B",
+        help="How an A/B layout's label names the preferred answer: the value meaning A, then "
+             "the one meaning B (e.g. --label-values=-1,1); negative,positive reads a signed "
+             "strength by its sign. Default: 0/a/A/model_a and 1/b/B/model_b.")
 
     def validate(self) -> None:
         for canonical, column in self.columns.items():
@@ -46,4 +51,4 @@ class DataOptions(Settings):
         """Keyword arguments of ``load_preferences`` / ``prepare_data``."""
         return {"format": self.format, "columns": dict(self.columns), "strict": self.strict,
                 "hub_config": self.hub_config, "hub_split": self.hub_split,
-                "data_dir": self.data_dir, "hub": self.hub}
+                "data_dir": self.data_dir, "hub": self.hub, "label_values": self.label_values}

@@ -21,6 +21,10 @@ REASONS = (
     "duplicate_id",
     "bad_choice",
     "unknown_split",
+    "malformed_message",
+    "no_shared_prompt",
+    "tie_label",
+    "unknown_label",
 )
 
 

@@ -26,8 +26,11 @@ from typing import Any
 import datasets
 
 from prefprune.data.containers import Container, RawRow, read_bytes
-from prefprune.data.formats import CONVERTERS, RowIssue
+from prefprune.data.fields import ReadContext
+from prefprune.data.formats import CONVERTERS
 from prefprune.data.loader import open_source
+from prefprune.data.pairwise import flip_label
+from prefprune.data.report import RowIssue
 from prefprune.errors import DataError
 from prefprune.files import replacing_folder, write_atomic, write_bytes_atomic
 
@@ -56,19 +59,21 @@ def rewrite_source(
     hub_split: str | None = None,
     data_dir: str | None = None,
     hub: bool = False,
+    label_values: tuple[str, str] | None = None,
 ) -> RewriteReport:
     """Copy ``source`` to ``output`` without the pairs in ``remove`` and with the labels of
     the pairs in ``relabel`` flipped. Raises :class:`DataError` when an id is not in the source
     (the scores were computed on other data)."""
-    container, fmt, mapping = open_source(source, format, columns, hub_config=hub_config,
-                                          hub_split=hub_split, data_dir=data_dir, hub=hub)
-    actions = _row_actions(container, fmt, mapping, set(remove), set(relabel))
+    container, fmt, context = open_source(source, format, columns, hub_config=hub_config,
+                                          hub_split=hub_split, data_dir=data_dir, hub=hub,
+                                          label_values=label_values)
+    actions = _row_actions(container, fmt, context, set(remove), set(relabel))
     missing = (set(remove) | set(relabel)) - {pid for pid, _ in actions.values()}
     if missing:
         raise DataError(f"{container.label}: {len(missing)} selected pair(s) are not in this "
                         f"source (e.g. id '{sorted(missing)[0]}'); were the scores computed on "
                         "other data?")
-    flip = _Relabeller(fmt, mapping)
+    flip = _Relabeller(fmt, context)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     written = _WRITERS[container.kind](container, output, actions, flip)
@@ -79,7 +84,7 @@ def rewrite_source(
     return report
 
 
-def _row_actions(container: Container, fmt: str, mapping: Mapping[str, str], remove: set[str],
+def _row_actions(container: Container, fmt: str, context: ReadContext, remove: set[str],
                  relabel: set[str]) -> dict[int, tuple[str, str]]:
     """Row index in the container -> (pair id, "remove" | "relabel") for every row that
     carries a named pair's id (its first row and any later duplicates)."""
@@ -89,7 +94,7 @@ def _row_actions(container: Container, fmt: str, mapping: Mapping[str, str], rem
         if raw.error is not None or not isinstance(raw.record, dict):
             continue
         try:
-            pid = convert(raw.record, mapping, raw.split).id
+            pid = convert(raw.record, context, raw.split).id
         except RowIssue:
             continue
         if pid in remove:
@@ -101,18 +106,22 @@ def _row_actions(container: Container, fmt: str, mapping: Mapping[str, str], rem
 
 @dataclass(frozen=True)
 class _Relabeller:
-    """Flips a raw record's label in its own layout."""
+    """Flips a raw record's label in its own layout: TL;DR's ``choice``, an A/B layout's label
+    value (in its own convention and type), or the chosen and rejected fields of the others."""
 
     fmt: str
-    mapping: Mapping[str, str]
+    context: ReadContext
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         record = dict(record)
         if self.fmt == "tldr":
             record["choice"] = 1 - int(record["choice"])
             return record
-        chosen = self.mapping.get("chosen", "chosen")
-        rejected = self.mapping.get("rejected", "rejected")
+        if self.fmt == "pairwise":
+            key = self.context.key("label")
+            record[key] = flip_label(record[key], self.context.label_values)
+            return record
+        chosen, rejected = self.context.key("chosen"), self.context.key("rejected")
         record[chosen], record[rejected] = record[rejected], record[chosen]
         return record
 

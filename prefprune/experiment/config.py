@@ -75,7 +75,7 @@ class RunConfig(Settings):
 
     def data_kwargs(self) -> dict[str, object]:
         """Keyword arguments of :func:`~prefprune.pipeline.prepare_data` for this run."""
-        return {**self.data_options.kwargs(), "fractions": self.split_fractions,
+        return {"options": self.data_options, "fractions": self.split_fractions,
                 "seed": self.split_seed, "validation": self.validation,
                 "validation_options": self.validation_options, "test": self.test,
                 "test_options": self.test_options, "allow_overlap": self.allow_overlap}

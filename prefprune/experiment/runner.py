@@ -35,7 +35,13 @@ from prefprune.files import (
 )
 from prefprune.influence.results import sidecar_of
 from prefprune.model import FrozenLayerCache, RewardModel
-from prefprune.pipeline import PreparedData, data_summary, prepare_data, truncation
+from prefprune.pipeline import (
+    PreparedData,
+    data_summary,
+    prepare_data,
+    rendering_of,
+    truncation,
+)
 from prefprune.progress import progress_bar
 from prefprune.pruning import inject_flips, relabel_pairs, remove_pairs, select
 from prefprune.scoring import score_training_pairs
@@ -100,7 +106,8 @@ class Experiment:
     def run(self) -> ExperimentResult:
         start = time.perf_counter()
         self.folder.check()
-        data = prepare_data(self.config.data, **self.config.data_kwargs())
+        data = prepare_data(self.config.data, **self.config.data_kwargs(),
+                            rendering=rendering_of(self.config.model))
         check_splits(data)
         self.folder.claim(data)
         runs, detection, tables, texts, agreement = [], {}, {}, {}, {}

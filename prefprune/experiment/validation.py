@@ -40,7 +40,7 @@ from prefprune.experiment.folder import RunFolder, check_splits
 from prefprune.files import write_json_atomic
 from prefprune.influence import ScoreResult
 from prefprune.model import FrozenLayerCache, RewardModel, bradley_terry_loss
-from prefprune.pipeline import PreparedData, data_summary, prepare_data
+from prefprune.pipeline import PreparedData, data_summary, prepare_data, rendering_of
 from prefprune.progress import progress_bar
 from prefprune.pruning import inject_flips
 from prefprune.scoring import score_training_pairs
@@ -129,7 +129,8 @@ class Validation:
 
     def run(self) -> ValidationResult:
         self.folder.check()
-        data = prepare_data(self.config.data, **self.config.data_kwargs())
+        data = prepare_data(self.config.data, **self.config.data_kwargs(),
+                            rendering=rendering_of(self.config.model))
         check_splits(data)
         self.folder.claim(data)
         train = data.splits["train"]

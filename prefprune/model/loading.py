@@ -198,6 +198,23 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def saved_tokenizer_source(path: Path) -> str:
+    """Where a saved model's tokenizer lives: its own copy (prefprune's ``tokenizer/``, or the
+    folder of an adapter or full checkpoint), else the backbone it records."""
+    for folder in (path / "tokenizer", path):
+        if (folder / "tokenizer_config.json").is_file():
+            return str(folder)
+    if (path / METADATA_FILE).is_file():
+        backbone = (read_json(path / METADATA_FILE, "prefprune model description")
+                    .get("config") or {}).get("backbone")
+        return backbone or default_backbone()
+    if (path / "adapter_config.json").is_file():
+        base = read_json(path / "adapter_config.json", "adapter config")
+        return base.get("base_model_name_or_path") or default_backbone()
+    raise ModelError(f"{path}: not a reward model directory (expected {METADATA_FILE}, "
+                     "adapter_config.json or config.json)")
+
+
 def freeze_head_bias(model: nn.Module) -> None:
     """The head's bias adds the same constant to both rewards of a pair, so it cancels in every
     margin: its gradient is rounding noise that Adam would turn into real steps, and it adds a
