@@ -8,9 +8,11 @@ warnings print as one yellow ``warning:`` line.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -359,58 +361,54 @@ def prune_command(
     stdout.print(affected)
 
 
-def run_config(group: OptionGroup, config: Path | None, sources: dict[str, str | None],
-               values: dict[str, dict[str, Any]]) -> Any:
+#: The sections of a run's settings and the option groups their flags come from.
+_RUN_SECTIONS = {"data_options": DATA, "validation_options": VALIDATION, "test_options": TEST,
+                 "model": MODEL, "train": EXPERIMENT_TRAIN, "ensemble": ENSEMBLE}
+
+
+def run_config(top: OptionGroup, influence: OptionGroup, config: Path | None,
+               sources: dict[str, str | None], values: dict[str, dict[str, Any]]) -> Any:
     """An experiment's or validation's settings: the YAML file (when given, else the
-    defaults) with the typed flags on top."""
-    base = group.settings.from_yaml(config) if config is not None else group.base
-    typed: dict[str, Any] = group.typed(values["run_values"])
+    defaults) with the typed flags on top, section by section."""
+    base = top.settings.from_yaml(config) if config is not None else top.base
+    typed: dict[str, Any] = top.typed(values[top.name])
     typed.update({name: path for name, path in sources.items() if path is not None})
-    typed["data_options"] = apply(base.data_options, DATA.typed(values["data_options"]))
-    for name, group in (("validation_options", VALIDATION), ("test_options", TEST)):
-        typed[name] = apply(getattr(base, name), group.typed(values[name]), group.prefix)
-    typed["model"] = apply(base.model, MODEL.typed(values["model_config"]))
-    typed["train"] = apply(base.train, EXPERIMENT_TRAIN.typed(values["train_config"]))
-    typed["influence"] = apply(base.influence,
-                               EXPERIMENT_INFLUENCE.typed(values["influence_config"]))
-    typed["ensemble"] = apply(base.ensemble, ENSEMBLE.typed(values["ensemble_config"]),
-                              ENSEMBLE.prefix)
-    return apply(base, typed)  # type: ignore[return-value]
+    for section, group in {**_RUN_SECTIONS, "influence": influence}.items():
+        typed[section] = apply(getattr(base, section), group.typed(values[group.name]),
+                               group.prefix)
+    return apply(base, typed)
 
 
-@app.command("experiment")
-@with_options(DATA, VALIDATION, TEST, MODEL, EXPERIMENT_TRAIN, EXPERIMENT_INFLUENCE, ENSEMBLE,
-              EXPERIMENT)
-def experiment_command(
-    output: Annotated[Path, typer.Option(help="Folder for config.yaml, models, scores, runs, "
-                                              "results.json and the report; rerun to resume.")],
-    data_options: dict[str, Any],
-    validation_options: dict[str, Any],
-    test_options: dict[str, Any],
-    model_config: dict[str, Any],
-    train_config: dict[str, Any],
-    influence_config: dict[str, Any],
-    ensemble_config: dict[str, Any],
-    run_values: dict[str, Any],
-    data: DataArg = None,
-    validation: ValidationArg = None,
-    test: TestArg = None,
-    config: Annotated[Path | None, typer.Option(
-        help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
-        exists=True, dir_okay=False)] = None,
-    overwrite: OverwriteFlag = False,
-    json_output: JsonFlag = False,
-    quiet: QuietFlag = False,
-) -> None:
-    """Train, score, prune the top-f pairs per method, retrain and compare, over several
-    seeds; write results.json, report.md and report.html."""
-    settings = run_config(EXPERIMENT, config, {"data": data, "validation": validation,
-                                               "test": test}, {
-        "data_options": data_options, "validation_options": validation_options,
-        "test_options": test_options, "model_config": model_config,
-        "train_config": train_config, "influence_config": influence_config,
-        "ensemble_config": ensemble_config, "run_values": run_values})
-    _device(settings.train.device)
+ConfigArg = Annotated[Path | None, typer.Option(
+    help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
+    exists=True, dir_okay=False)]
+
+
+def run_command(top: OptionGroup, influence: OptionGroup, output_help: str,
+                execute: Callable[[Any, Path, bool, bool, bool], None]) -> Callable[..., None]:
+    """A command that builds a run's settings from a ``--config`` file and flags (the option
+    groups of every section) and hands them to ``execute(settings, output, overwrite, json,
+    quiet)``: ``experiment`` and ``validate`` share it."""
+
+    def command(output: Path, options: dict[str, dict[str, Any]], data: DataArg = None,
+                validation: ValidationArg = None, test: TestArg = None,
+                config: ConfigArg = None, overwrite: OverwriteFlag = False,
+                json_output: JsonFlag = False, quiet: QuietFlag = False) -> None:
+        settings = run_config(top, influence, config,
+                              {"data": data, "validation": validation, "test": test}, options)
+        _device(settings.train.device)
+        execute(settings, output, overwrite, json_output, quiet)
+
+    signature = inspect.signature(command, eval_str=True)
+    command.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+        p.replace(annotation=Annotated[Path, typer.Option(help=output_help)])
+        if p.name == "output" else p for p in signature.parameters.values()])
+    groups = (*_RUN_SECTIONS.values(), influence, top)
+    return with_options(*groups, into="options")(command)
+
+
+def _experiment(settings: ExperimentConfig, output: Path, overwrite: bool, json_output: bool,
+                quiet: bool) -> None:
     result = Experiment(settings, output, progress=not quiet, overwrite=overwrite,
                         on_run=None if quiet or json_output else _print_run).run()
     paths = write_report(result, output)
@@ -423,46 +421,27 @@ def experiment_command(
                  f"{escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
 
 
-@app.command("validate")
-@with_options(DATA, VALIDATION, TEST, MODEL, EXPERIMENT_TRAIN, VALIDATE_INFLUENCE, ENSEMBLE,
-              VALIDATE)
-def validate_command(
-    output: Annotated[Path, typer.Option(help="Folder for config.yaml, models, scores, the "
-                                              "subset runs and validate.json; rerun to resume.")],
-    data_options: dict[str, Any],
-    validation_options: dict[str, Any],
-    test_options: dict[str, Any],
-    model_config: dict[str, Any],
-    train_config: dict[str, Any],
-    influence_config: dict[str, Any],
-    ensemble_config: dict[str, Any],
-    run_values: dict[str, Any],
-    data: DataArg = None,
-    validation: ValidationArg = None,
-    test: TestArg = None,
-    config: Annotated[Path | None, typer.Option(
-        help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
-        exists=True, dir_okay=False)] = None,
-    overwrite: OverwriteFlag = False,
-    json_output: JsonFlag = False,
-    quiet: QuietFlag = False,
-) -> None:
-    """Which score to trust on DATA: the linear datamodeling score (retrain on random subsets,
-    correlate each score's predicted loss changes with the actual ones) and flip calibration
-    (find labels flipped on purpose in a copy of DATA)."""
-    settings = run_config(VALIDATE, config, {"data": data, "validation": validation,
-                                             "test": test}, {
-        "data_options": data_options, "validation_options": validation_options,
-        "test_options": test_options, "model_config": model_config,
-        "train_config": train_config, "influence_config": influence_config,
-        "ensemble_config": ensemble_config, "run_values": run_values})
-    _device(settings.train.device)
+def _validate(settings: ValidateConfig, output: Path, overwrite: bool, json_output: bool,
+              quiet: bool) -> None:
     result = Validation(settings, output, progress=not quiet, overwrite=overwrite).run()
     if json_output:
         print_json({"validate": str(output / VALIDATE_FILE), **result.to_dict()})
         return
     render.print_validation(result)
     stdout.print(f"wrote {escape(str(output / VALIDATE_FILE))}")
+
+
+app.command("experiment", help=(
+    "Train, score, prune the top-f pairs per method, retrain and compare, over several seeds; "
+    "write results.json, report.md and report.html."))(run_command(
+        EXPERIMENT, EXPERIMENT_INFLUENCE, "Folder for config.yaml, models, scores, runs, "
+        "results.json and the report; rerun to resume.", _experiment))
+app.command("validate", help=(
+    "Which score to trust on DATA: the linear datamodeling score (retrain on random subsets, "
+    "correlate each score's predicted loss changes with the actual ones) and flip calibration "
+    "(find labels flipped on purpose in a copy of DATA)."))(run_command(
+        VALIDATE, VALIDATE_INFLUENCE, "Folder for config.yaml, models, scores, the subset runs "
+        "and validate.json; rerun to resume.", _validate))
 
 
 def _print_run(record: Any) -> None:

@@ -185,21 +185,26 @@ def _parse_mapping(values: Iterable[str], f: dataclasses.Field,
     return mapping
 
 
-def with_options(*groups: OptionGroup) -> Callable[[F], F]:
+def with_options(*groups: OptionGroup, into: str | None = None) -> Callable[[F], F]:
     """Add the groups' options to a command and hand it each group's typed values as a dict
-    (``{field: value}``) under the group's name; the command builds the config itself with
+    (``{field: value}``): under the group's name, or all of them in one dict
+    ``{group name: values}`` under ``into``. The command builds its configs itself with
     :meth:`OptionGroup.build` (so it can choose the base, e.g. a ``--config`` file)."""
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func, eval_str=True)
-        names = {g.name for g in groups}
+        names = {into} if into else {g.name for g in groups}
         own = [p for p in signature.parameters.values() if p.name not in names]
         per_group = {g.name: g.parameters() for g in groups}
 
         @functools.wraps(func)
         def command(**kwargs: Any) -> Any:
-            for group in groups:
-                kwargs[group.name] = {p.name: kwargs.pop(p.name) for p in per_group[group.name]}
+            values = {g.name: {p.name: kwargs.pop(p.name) for p in per_group[g.name]}
+                      for g in groups}
+            if into:
+                kwargs[into] = values
+            else:
+                kwargs.update(values)
             return func(**kwargs)
 
         extra = [p for group in groups for p in per_group[group.name]]

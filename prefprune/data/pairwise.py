@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefprune.data.fields import Pair, ReadContext, check_responses, make_pair, value_of
+from prefprune.data.fields import (
+    Pair,
+    ReadContext,
+    check_responses,
+    make_pair,
+    text_of,
+    value_of,
+)
 from prefprune.data.messages import explicit_texts, implicit_texts, is_messages
 from prefprune.data.report import RowIssue
 
@@ -80,19 +87,11 @@ def convert_pairwise(record: dict, context: ReadContext, split: str | None) -> P
                                                 (key_prompt, key_a, key_b), context.rendering)
         used = {key_prompt, key_a, key_b}
     else:
-        prompt, text_a, text_b = (_text(record[k], k) for k in (key_prompt, key_a, key_b))
+        prompt, text_a, text_b = (text_of(record, k, k) for k in (key_prompt, key_a, key_b))
         used = {key_prompt, key_a, key_b}
     chosen, rejected = (text_a, text_b) if which == 0 else (text_b, text_a)
     check_responses(chosen, rejected, (key_a, key_b))
     return make_pair(record, context, split, (prompt, chosen, rejected), used)
-
-
-def _text(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise RowIssue("wrong_type", key, f"'{key}' is {type(value).__name__}, not str")
-    if not value.strip():
-        raise RowIssue("empty_field", key, f"'{key}' is empty")
-    return value
 
 
 def flip_label(value: Any, label_values: tuple[str, str] | None) -> Any:
