@@ -159,8 +159,9 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
          f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
          f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs."),
         *_truncation_lines(data),
+        *_held_out_lines(data),
         f"Model: {model.backbone or 'all-MiniLM-L6-v2 (default)'}, LoRA r={model.lora_r}"
-        f"{f' on the top {model.lora_layers} layers' if model.lora_layers else ''}, "
+        f"{f' on the top {model.lora_layers} layers' if model.lora_layers else ' on every layer'}, "
         f"max_length {model.max_length}; training {_plural(cfg.train.epochs, 'epoch')}, batch "
         f"{cfg.train.batch_size}, lr {cfg.train.learning_rate:g}.",
         f"Seeds {', '.join(map(str, cfg.seeds))}; methods {', '.join(cfg.methods)}; fractions "
@@ -176,6 +177,14 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
          f"{sum(r.seconds for r in result.runs) / 60:.0f} minutes of training and "
          "evaluation here)."),
     ])
+
+
+def _held_out_lines(data: Mapping[str, Any]) -> list[Paragraph]:
+    """Which pairs the influence scores target and which the retrains are measured on."""
+    origins = data.get("origins") or {}
+    return [(f"{label}: ", Code(origins[name]), ".")
+            for name, label in (("validation", "Influence target (validation)"),
+                                ("test", "Test set")) if name in origins]
 
 
 def _truncation_lines(data: Mapping[str, Any]) -> list[str]:
