@@ -31,7 +31,7 @@ from prefprune.files import (
     write_text_atomic,
 )
 from prefprune.influence import ALL_SCORES
-from prefprune.influence.results import sidecar_of
+from prefprune.influence.results import ranked_columns, sidecar_of
 from prefprune.progress import quiet_datasets
 
 DIRECTIONS = ("harmful", "helpful")
@@ -65,8 +65,8 @@ def score_columns(table: pd.DataFrame) -> list[str]:
     Metadata (``source_row``, ``margin``) and the ranks themselves are not scores: ranking by
     ``rank_if`` would take the pairs with the *largest* rank number, the least harmful.
     """
-    return [c for c in table.columns
-            if f"rank_{c}" in table.columns or str(c).split("@")[0] in ALL_SCORES]
+    ranked = ranked_columns(table)
+    return [c for c in table.columns if c in ranked or str(c).split("@")[0] in ALL_SCORES]
 
 
 def select(table: pd.DataFrame, by: str, fraction: float,

@@ -19,6 +19,7 @@ from prefprune.crossfit import out_of_fold_loss
 from prefprune.ensemble import EnsembleConfig, add_columns, combine, ensembled, member_seeds
 from prefprune.errors import InfluenceError
 from prefprune.influence import InfluenceConfig, ScoreResult, compute_scores
+from prefprune.influence.results import ranked_columns
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.training import TrainConfig, train_reward_model
 
@@ -62,7 +63,7 @@ def score_training_pairs(
             members = [table] + [
                 _member_table(k, seed, train, targets, influence, model_config, train_config,
                               cache, work, progress) for k, seed in enumerate(seeds) if k]
-        columns, agreement = combine(members, ensembled(_score_columns(table)),
+        columns, agreement = combine(members, ensembled(ranked_columns(table)),
                                      ensemble.combine)
         table = add_columns(table, columns)
         meta["ensemble"] = {**ensemble.to_dict(), "seeds": seeds, "agreement": agreement}
@@ -78,11 +79,6 @@ def score_training_pairs(
 
 def _sub(work: Path | None, name: str) -> Path | None:
     return None if work is None else work / name
-
-
-def _score_columns(table: pd.DataFrame) -> list[str]:
-    """The engine's score columns (each has a rank beside it)."""
-    return [c for c in table.columns if f"rank_{c}" in table.columns]
 
 
 def _member_table(k: int, seed: int, train: Any, targets: Any, influence: InfluenceConfig,

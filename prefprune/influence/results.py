@@ -24,6 +24,11 @@ from prefprune.model import RewardModel
 SCORES_KIND = "prefprune-scores"
 
 
+def ranked_columns(table: pd.DataFrame) -> list[str]:
+    """The score columns of a table prefprune wrote: each has a ``rank_<score>`` beside it."""
+    return [c for c in table.columns if f"rank_{c}" in table.columns]
+
+
 def sidecar_of(path: Path) -> Path:
     """The JSON sidecar beside a score table: ``scores.parquet`` -> ``scores.json``."""
     return Path(path).with_suffix(".json")
