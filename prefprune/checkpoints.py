@@ -57,15 +57,13 @@ class CheckpointCapture:
                                  f"MB), more than memory_budget_mb "
                                  f"({config.memory_budget_mb:g}); raise it or use seed ensembles")
         self.margins = torch.zeros(len(train))
-        self.jacobian = torch.zeros(0)
+        self.jacobian = torch.zeros(len(train), self.computer.dim)
         self.seen = torch.zeros(len(train), dtype=torch.bool)
         self.tables: list[pd.DataFrame] = []
         #: CPU seconds spent scoring checkpoints (the ensemble's cost beyond training).
         self.cpu_seconds = 0.0
 
     def captures(self, epoch: int) -> bool:
-        if epoch >= self.first and not self.jacobian.numel():
-            self.jacobian = torch.zeros(len(self.train), self.computer.dim)
         return epoch >= self.first
 
     def pair_gradients(self, batch: PairBatch) -> PairGradients:
