@@ -47,7 +47,8 @@ from prefprune.scoring import score_training_pairs
 from prefprune.training import evaluate, train_reward_model
 
 VALIDATE_FILE = "validate.json"
-OWN_ENTRIES = (VALIDATE_FILE, "models", "scores", "runs", "flips")
+COSTS_FILE = "costs.json"
+OWN_ENTRIES = (VALIDATE_FILE, COSTS_FILE, "models", "scores", "runs", "flips")
 #: Name of the whole-validation-set target beside the per-pair targets ``v0``, ``v1``, ...
 SET_TARGET = "set"
 BOOTSTRAP = 1000
@@ -133,6 +134,8 @@ class Validation:
                             rendering=rendering_of(self.config.model))
         check_splits(data)
         self.folder.claim(data)
+        costs_path = self.output / COSTS_FILE
+        self.costs = json.loads(costs_path.read_text()) if costs_path.exists() else {}
         train = data.splits["train"]
         targets = self._targets(data.splits["validation"])
         model = self._timed("train_full", lambda: self._full_model(train))
@@ -159,10 +162,13 @@ class Validation:
     # --- pieces ---------------------------------------------------------------------------
 
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` and add its wall seconds to ``costs.json`` (kept across resumes, so the
+        costs are those of the whole validation, not of the last invocation)."""
         start = time.perf_counter()
         out = fn()
-        self.costs[f"{name}_seconds"] = self.costs.get(f"{name}_seconds", 0.0) + \
-            time.perf_counter() - start
+        key = f"{name}_seconds"
+        self.costs[key] = self.costs.get(key, 0.0) + time.perf_counter() - start
+        write_json_atomic(self.output / COSTS_FILE, self.costs)
         return out
 
     def _targets(self, validation: datasets.Dataset) -> dict[str, datasets.Dataset]:
@@ -224,22 +230,19 @@ class Validation:
             saved = json.loads(path.read_text())
             if saved["kept"] == ids:
                 return np.asarray(saved["losses"])
-        start = time.perf_counter()
-        model = self._train(train.select(rows.tolist()))
-        losses = _target_losses(model, targets)
-        write_json_atomic(path, {"kept": ids, "losses": losses.tolist(),
-                                 "seconds": time.perf_counter() - start})
-        self.costs["subset_training_seconds"] = self.costs.get("subset_training_seconds", 0.0) \
-            + time.perf_counter() - start
+        losses = self._timed("subset_training", lambda: _target_losses(
+            self._train(train.select(rows.tolist())), targets))
+        write_json_atomic(path, {"kept": ids, "losses": losses.tolist()})
         return losses
 
     def _flip_calibration(self, data: PreparedData) -> dict[str, dict[str, float]]:
         """Detection quality of every score on a copy of the data with injected flips."""
         train = inject_flips(data.splits["train"], self.config.flip_share, self.config.seed)
         path = self.output / "flips" / "scores.parquet"
-        model = None if path.exists() else self._timed("flip_train", lambda: self._train(train))
-        table = self._score_table(path, model, train, data.splits["validation"]).table \
-            if model is not None else pd.read_parquet(path)
+        if not path.exists():
+            self._timed("flip_calibration", lambda: self._score_table(
+                path, self._train(train), train, data.splits["validation"]))
+        table = pd.read_parquet(path)
         truth = table["injected_flip"].astype(bool).to_numpy()
         out = {}
         for method in self.config.score_columns():
