@@ -39,7 +39,7 @@ from scipy.stats import spearmanr
 
 from prefprune import distributed
 from prefprune.influence import InfluenceConfig, compute_scores
-from prefprune.model import RewardModel
+from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.pipeline import prepare_data
 from prefprune.training import TrainConfig, train_reward_model
 
@@ -68,16 +68,18 @@ def worker(args: argparse.Namespace) -> None:
     validation = data.splits["validation"].select(range(args.val))
     report: dict = {"label": args.label, "pairs": args.pairs, "val": args.val}
     if args.train:
-        model = RewardModel.create(seed=0)
+        model = RewardModel.create(RewardModelConfig(lora_layers=0), seed=0)
         with Stage() as stage:
-            trained = train_reward_model(model, train, TrainConfig(epochs=1), progress=False)
+            trained = train_reward_model(model, train, TrainConfig(epochs=1, batch_size=16,
+                                                                   learning_rate=2e-3),
+                                         progress=False)
         report.update(train_seconds=stage.wall, train_cpu_seconds=stage.cpu,
                       train_tokens=trained.tokens, peak_rss_after_train_mb=peak_rss_mb())
         if args.save_model and distributed.is_main_process():
             model.save(args.save_model)
     if args.model:  # score a saved model: dropout makes K=2 training differ from K=1
         model = RewardModel.load(args.model)
-    config = InfluenceConfig(scores=tuple(args.scores), memory_budget_mb=args.budget,
+    config = InfluenceConfig(scores=tuple(args.scores), memory_budget_mb=args.budget, damping=0.1,
                              projection_dim=args.projection, shard_size=args.shard_size)
     with Stage() as stage:
         result = compute_scores(model, train, validation, config, progress=False)

@@ -45,16 +45,17 @@ def main() -> None:
     train, targets = data.splits["train"], validation_targets(data)
     model = RewardModel.load(args.model)
     fresh = RewardModel.create(model.config, seed=0)
-    _, t_epoch = timed(lambda: train_reward_model(fresh, train, TrainConfig(epochs=1),
+    _, t_epoch = timed(lambda: train_reward_model(fresh, train, TrainConfig(
+        epochs=1, batch_size=16, learning_rate=2e-3),
                                                   progress=False))
     runs = {
-        "cg_if": InfluenceConfig(scores=("if", "flip")),
+        "cg_if": InfluenceConfig(scores=("if", "flip"), damping=0.1),
         "grad_similarity": InfluenceConfig(scores=("grad_dot", "grad_cos")),
         "direct_if": InfluenceConfig(scores=("if", "flip", "self_influence", "loss"),
-                                     solver="direct"),
+                                     solver="direct", damping=0.1),
     }
     if args.hessian_samples:
-        runs["hessian_cg_if"] = InfluenceConfig(scores=("if",), curvature="hessian",
+        runs["hessian_cg_if"] = InfluenceConfig(scores=("if",), curvature="hessian", damping=0.1,
                                                 curvature_samples=args.hessian_samples,
                                                 max_iter=50)
     results, figures = {}, {"t_epoch_seconds": t_epoch, "n_train": len(train)}

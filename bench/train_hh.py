@@ -41,8 +41,8 @@ def main() -> None:
     print({name: len(split) for name, split in data.splits.items()})
     outcome = train_and_evaluate(
         data,
-        RewardModelConfig(max_length=args.max_length, lora_r=args.lora_r),
-        TrainConfig(epochs=args.epochs, seed=args.seed),
+        RewardModelConfig(max_length=args.max_length, lora_r=args.lora_r, lora_layers=0),
+        TrainConfig(epochs=args.epochs, seed=args.seed, batch_size=16, learning_rate=2e-3),
         output=args.save,
     )
     figures = {
