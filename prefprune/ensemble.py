@@ -96,13 +96,12 @@ def combine(members: Sequence[pd.DataFrame], scores: Sequence[str],
 
 
 def add_columns(table: pd.DataFrame, columns: dict[str, np.ndarray]) -> pd.DataFrame:
-    """``table`` with the combined columns, each score with its ``rank_`` beside it."""
-    table = table.copy()
-    for name, values in columns.items():
-        table[name] = values
-        if SPREAD not in name:
-            table[f"rank_{name}"] = ranks(values)
-    return table
+    """``table`` with the combined columns, each score with its ``rank_`` beside it (joined
+    at once: a per-target ensemble adds hundreds of columns)."""
+    added = dict(columns)
+    added.update({f"rank_{name}": ranks(values) for name, values in columns.items()
+                  if SPREAD not in name})
+    return pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
 
 
 def _standardise(stack: np.ndarray) -> np.ndarray:

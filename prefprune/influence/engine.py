@@ -460,17 +460,15 @@ class _Engine:
 
     def _table(self, columns: dict[str, np.ndarray],
                stats: dict[str, torch.Tensor]) -> pd.DataFrame:
-        table = pd.DataFrame({"id": list(self.train["id"])})
-        for name, values in columns.items():
-            table[name] = values
-        for name in columns:
-            table[f"rank_{name}"] = formulas.ranks(table[name].to_numpy())
-        table["margin"] = stats["margins"].double().numpy()
+        """One frame built at once (hundreds of per-target columns stay one block)."""
+        data: dict[str, Any] = {"id": list(self.train["id"]), **columns}
+        data.update({f"rank_{name}": formulas.ranks(values) for name, values in columns.items()})
+        data["margin"] = stats["margins"].double().numpy()
         text = {"id", "prompt", "chosen", "rejected"}
         for name in self.train.column_names:
-            if name not in text and name not in table:
-                table[name] = list(self.train[name])
-        return table
+            if name not in text and name not in data:
+                data[name] = list(self.train[name])
+        return pd.DataFrame(data)
 
     def _metadata(self) -> dict[str, Any]:
         work = torch.tensor([self.meta["pairs_through_gradient_passes"]])
