@@ -73,6 +73,20 @@ def test_arms_cover_the_grid():
     assert len({a.key for a in arms}) == len(arms)
 
 
+def test_each_arm_can_compare_its_own_scores():
+    config = ExperimentConfig(influence=InfluenceConfig(scores=("if", "loss", "random")),
+                              fractions=(0.1,), helpful_by=("if", "random"),
+                              relabel_by=("loss", "random"))
+    by_group: dict[str, set[str]] = {}
+    for arm in arms_of(config, seed=0):
+        by_group.setdefault(arm.group, set()).add(arm.method)
+    assert by_group == {"remove harmful": {"if", "loss", "random"},
+                        "remove helpful": {"if", "random"},
+                        "relabel harmful": {"loss", "random"}}
+    with pytest.raises(ExperimentError, match=r"relabel_by: .'flip'. would not be computed"):
+        ExperimentConfig(influence=InfluenceConfig(scores=("if", "random")), relabel_by=("flip",))
+
+
 def test_config_round_trips_through_yaml(tmp_path):
     config = ExperimentConfig(data="x.jsonl", data_options={"format": "hh"}, seeds=(1, 2),
                               model=RewardModelConfig(lora_layers=1, target_modules=("query",)),

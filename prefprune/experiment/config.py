@@ -130,6 +130,14 @@ class ExperimentConfig(RunConfig):
         None, metavar="COLUMNS",
         help="Score columns whose top pairs are removed and retrained without (e.g. "
              "if,if_ens,oof,random). Default: every score computed.")
+    helpful_by: tuple[str, ...] | None = setting(
+        None, metavar="COLUMNS",
+        help="Score columns of the helpful-removal arm (keep random in it: it is the arm's "
+             "control). Default: those of --prune-by.")
+    relabel_by: tuple[str, ...] | None = setting(
+        None, metavar="COLUMNS",
+        help="Score columns of the relabel arm (keep random in it: it is the arm's control). "
+             "Default: those of --prune-by.")
 
     def validate(self) -> None:
         super().validate()
@@ -139,15 +147,23 @@ class ExperimentConfig(RunConfig):
             raise ConfigError("seeds", f"lists a seed twice: {list(self.seeds)}")
         if not self.fractions:
             raise ConfigError("fractions", "must list at least one fraction")
-        unknown = sorted(set(self.prune_by or ()) - set(self.score_columns()))
-        if unknown:
-            raise ConfigError("prune_by", f"{unknown} would not be computed; the scores are "
-                                          f"{', '.join(self.score_columns())}")
+        for name in ("prune_by", "helpful_by", "relabel_by"):
+            unknown = sorted(set(getattr(self, name) or ()) - set(self.score_columns()))
+            if unknown:
+                raise ConfigError(name, f"{unknown} would not be computed; the scores are "
+                                        f"{', '.join(self.score_columns())}")
 
     @property
     def methods(self) -> tuple[str, ...]:
         """The score columns compared: ``prune_by``, or every score computed."""
         return self.prune_by or self.score_columns()
+
+    def arm_methods(self, direction: str, action: str) -> tuple[str, ...]:
+        """The score columns one arm retrains by: a smaller list for the helpful or relabel
+        arm keeps an experiment affordable when the removal arm compares many scores."""
+        own = {("helpful", "remove"): self.helpful_by,
+               ("harmful", "relabel"): self.relabel_by}.get((direction, action))
+        return own or self.methods
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def arms_of(config: ExperimentConfig, seed: int) -> list[Arm]:
     return [Arm(seed, method, fraction, direction, action)
             for direction, action in shapes
             for fraction in config.fractions
-            for method in config.methods]
+            for method in config.arm_methods(direction, action)]
 
 
 @dataclass
