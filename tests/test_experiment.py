@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 
 import pytest
 from scipy import stats
@@ -170,9 +171,25 @@ def test_rerun_resumes_without_training(tiny_experiment):
 
 def test_another_config_cannot_reuse_the_directory(tiny_experiment):
     config, out, _, _ = tiny_experiment
-    other = ExperimentConfig.from_dict({**config.to_dict(), "seeds": [5]})
-    with pytest.raises(ExperimentError, match="holds a different experiment"):
+    other = ExperimentConfig.from_dict({**config.to_dict(), "train": {"epochs": 2}})
+    with pytest.raises(ExperimentError, match="holds a different experiment .* differs in train"):
         Experiment(other, out, progress=False).run()
+
+
+def test_a_new_plan_resumes_from_the_saved_runs(tiny_experiment, tmp_path):
+    """Fewer seeds, methods or arms reuse every saved model, score table and run."""
+    config, out, result, _ = tiny_experiment
+    shutil.copytree(out, tmp_path / "out")
+    smaller = config.replace(seeds=(1,), prune_by=("if", "random"), helpful=False,
+                             relabel=False)
+    fitted: list[RunRecord] = []
+    again = Experiment(smaller, tmp_path / "out", progress=False, on_run=fitted.append).run()
+    assert fitted == []
+    assert [r.arm.key for r in again.runs] == ["seed1-base", "seed1-if-harmful-remove-0.25",
+                                               "seed1-random-harmful-remove-0.25"]
+    before = {r.arm.key: r.test_accuracy for r in result.runs}
+    assert all(before[r.arm.key] == r.test_accuracy for r in again.runs)
+    assert ExperimentConfig.from_yaml(tmp_path / "out" / "config.yaml") == smaller
 
 
 def test_report_has_tables_figures_and_evidence(tiny_experiment):

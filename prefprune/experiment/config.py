@@ -60,6 +60,14 @@ class RunConfig(Settings):
     ensemble: EnsembleConfig = setting(default_factory=EnsembleConfig, cli=False,
                                        help="Combine several models' scores per pair.")
 
+    #: Settings that only choose which runs are made, not what any saved model, score table
+    #: or run record holds: a run may resume with them changed (more seeds, fewer methods).
+    plan_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def run_identity(self) -> dict[str, object]:
+        """What every saved model, score table and run record of this run depends on."""
+        return {k: v for k, v in self.identity().items() if k not in self.plan_fields}
+
     def validate(self) -> None:
         if abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
@@ -110,6 +118,9 @@ class ExperimentConfig(RunConfig):
     ``inject_flips`` swaps a seeded share of the training labels (seeded per replicate) and
     keeps the truth, for detection metrics.
     """
+
+    plan_fields: ClassVar[frozenset[str]] = frozenset(
+        {"seeds", "fractions", "helpful", "relabel", "prune_by", "helpful_by", "relabel_by"})
 
     influence: InfluenceConfig = setting(
         default_factory=lambda: InfluenceConfig(scores=DEFAULT_METHODS), cli=False,

@@ -64,12 +64,16 @@ class RunFolder:
         config_path, state_path = self.path / CONFIG_FILE, self.path / STATE_FILE
         if config_path.exists():
             saved = type(self.config).from_yaml(config_path)
-            if saved.identity() != self.config.identity():
+            before, now = saved.run_identity(), self.config.run_identity()
+            if before != now:
+                changed = ", ".join(k for k in now if before.get(k) != now[k])
                 raise ExperimentError(
-                    f"{self.path} holds a different {self.kind} (its {CONFIG_FILE} differs); "
-                    "use another --output, rerun with --config "
-                    f"{config_path} to resume it, or pass --overwrite to start afresh")
+                    f"{self.path} holds a different {self.kind} (its {CONFIG_FILE} differs in "
+                    f"{changed}); use another --output, rerun with --config {config_path} to "
+                    "resume it, or pass --overwrite to start afresh")
             self._check_state(state_path, state)
+            if saved.identity() != self.config.identity():  # a new plan: more seeds, say
+                write_text_atomic(config_path, self.config.to_yaml())
             return
         write_text_atomic(config_path, self.config.to_yaml())
         write_json_atomic(state_path, state)
