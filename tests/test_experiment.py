@@ -172,7 +172,7 @@ def test_rerun_resumes_without_training(tiny_experiment):
 def test_another_config_cannot_reuse_the_directory(tiny_experiment):
     config, out, _, _ = tiny_experiment
     other = ExperimentConfig.from_dict({**config.to_dict(), "train": {"epochs": 2}})
-    with pytest.raises(ExperimentError, match="holds a different experiment .* differs in train"):
+    with pytest.raises(ExperimentError, match=r"holds a different experiment .* differs in train"):
         Experiment(other, out, progress=False).run()
 
 
