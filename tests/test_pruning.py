@@ -15,7 +15,7 @@ import pytest
 
 from prefprune.data import load_preferences
 from prefprune.data.writer import rewrite_source
-from prefprune.errors import DataError, SelectionError
+from prefprune.errors import DataError, SelectionError, StaleDataWarning
 from prefprune.pruning import (
     inject_flips,
     prune_source,
@@ -187,8 +187,9 @@ def test_prune_source_writes_data_evidence_and_summary(tmp_path):
                            "worker": data["worker"]})
     scores["rank_if"] = scores["if"].rank(ascending=False).astype(int)
     scores.to_parquet(tmp_path / "scores.parquet")
-    result = prune_source(tmp_path / "scores.parquet", source, tmp_path / "out", by="if",
-                          fraction=0.34)
+    with pytest.warns(StaleDataWarning, match="no sidecar"):
+        result = prune_source(tmp_path / "scores.parquet", source, tmp_path / "out", by="if",
+                              fraction=0.34)
     assert result.selection.ids == (data["id"][1],)
     assert [r["id"] for r in load_preferences(tmp_path / "out" / "pairs.jsonl").dataset] == \
         [data["id"][0], data["id"][2]]
