@@ -24,11 +24,13 @@ from prefprune.data import (
     IngestionReport,
     LoadResult,
     default_dataset_path,
+    default_expert_validation_path,
     fingerprint,
     generate_synthetic,
     load_preferences,
     split_preferences,
 )
+from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import (
     ConfigError,
     ConvergenceWarning,
@@ -42,7 +44,15 @@ from prefprune.errors import (
     SelectionError,
     StaleDataWarning,
 )
-from prefprune.experiment import Experiment, ExperimentConfig, ExperimentResult, demo_config
+from prefprune.experiment import (
+    Experiment,
+    ExperimentConfig,
+    ExperimentResult,
+    ValidateConfig,
+    Validation,
+    ValidationResult,
+    demo_config,
+)
 from prefprune.influence import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
@@ -66,6 +76,7 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "DataOptions",
+    "EnsembleConfig",
     "EvalResult",
     "Experiment",
     "ExperimentConfig",
@@ -90,8 +101,12 @@ __all__ = [
     "TrainConfig",
     "TrainOutcome",
     "TrainResult",
+    "ValidateConfig",
+    "Validation",
+    "ValidationResult",
     "compute_scores",
     "default_dataset_path",
+    "default_expert_validation_path",
     "demo_config",
     "evaluate",
     "evaluate_saved",

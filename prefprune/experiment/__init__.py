@@ -20,6 +20,7 @@ from prefprune.experiment.runner import (
     headline,
 )
 from prefprune.experiment.stats import mean_interval, summarise, t_quantile_975
+from prefprune.experiment.validation import Validation, ValidationResult
 
 __all__ = [
     "CONFIG_FILE",
@@ -33,6 +34,8 @@ __all__ = [
     "RunConfig",
     "RunRecord",
     "ValidateConfig",
+    "Validation",
+    "ValidationResult",
     "arms_of",
     "demo_config",
     "detect",
