@@ -113,14 +113,16 @@ def _validation_sections(path: Path) -> list[Section]:
         return []
     saved = json.loads(path.read_text())
     cfg = saved["config"]
-    lds = [[m, format_lds(entry), f"{saved['set_level'][m]['spearman']:.2f}"]
-           for m, entry in saved["lds"].items()]
+    lds = [[m, format_lds(entry),
+            format_lds(entry["vs_random"], signed=True) if "vs_random" in entry else "",
+            f"{saved['set_level'][m]['spearman']:.2f}"] for m, entry in saved["lds"].items()]
     sections = [Section("Which score to trust here: linear datamodeling score", text=[
         f"From prefprune validate: {cfg['subsets']} models retrained on random "
         f"{cfg['subset_fraction']:.0%} subsets of the training pairs; per validation pair, the "
         "Spearman correlation between each score's predicted change of its loss and the actual "
-        "change, averaged over pairs (95% bootstrap interval), and for the validation set as a "
-        "whole. Random is the floor."], header=["score", "LDS (per pair)", "LDS (whole set)"],
+        "change, averaged over pairs (95% bootstrap interval over subsets and pairs), its "
+        "paired difference to random scores, and for the validation set as a whole. Random is "
+        "the floor."], header=["score", "LDS (per pair)", "vs random", "LDS (whole set)"],
         rows=lds)]
     flips = saved.get("flip_calibration") or {}
     if flips:

@@ -20,7 +20,7 @@ from scipy import stats
 
 from prefprune.experiment.validation import (
     lds_subsets,
-    linear_datamodeling_score,
+    linear_datamodeling_scores,
     predicted_changes,
 )
 from prefprune.influence import InfluenceConfig, compute_scores
@@ -230,11 +230,13 @@ def test_linear_datamodeling_score_is_high_for_influence_and_flat_for_random(exp
     actual = np.array([[val_loss(experiment.x_val[[k]], theta) - base[k] for k in range(N_VAL)]
                        for theta in (fit(experiment.x_train[rows], N_TRAIN, experiment.theta)
                                      for rows in kept)])
-    influence = linear_datamodeling_score(
-        predicted_changes(table[[f"if@v{k}" for k in range(N_VAL)]].to_numpy(), kept), actual)
-    random = linear_datamodeling_score(predicted_changes(
-        np.repeat(table["random"].to_numpy()[:, None], N_VAL, axis=1), kept), actual)
+    lds = linear_datamodeling_scores({
+        "if": predicted_changes(table[[f"if@v{k}" for k in range(N_VAL)]].to_numpy(), kept),
+        "random": predicted_changes(np.repeat(table["random"].to_numpy()[:, None], N_VAL,
+                                              axis=1), kept)}, actual)
+    influence, random = lds["if"], lds["random"]
     print(f"\nLDS: IF {influence['mean']:.3f} {influence['ci95']}, random "
           f"{random['mean']:.3f} {random['ci95']}")
     assert influence["mean"] >= 0.9 and influence["ci95"][0] >= 0.85
     assert abs(random["mean"]) <= 0.2 and random["ci95"][0] <= 0 <= random["ci95"][1]
+    assert influence["vs_random"]["ci95"][0] > 0

@@ -14,8 +14,9 @@ from prefprune.data import generate_synthetic
 from prefprune.errors import ConfigError
 from prefprune.experiment import ValidateConfig
 from prefprune.experiment.validation import (
+    column_spearman,
     lds_subsets,
-    linear_datamodeling_score,
+    linear_datamodeling_scores,
     predicted_changes,
 )
 
@@ -82,11 +83,35 @@ def test_lds_pieces():
     assert all(len(rows) == 5 and len(set(rows)) == 5 for rows in kept)
     harm = np.arange(10, dtype=float)[:, None]
     assert predicted_changes(harm, kept)[0, 0] == -(45 - harm[kept[0]].sum())
-    perfect = linear_datamodeling_score(np.arange(12.0).reshape(6, 2),
-                                        np.arange(12.0).reshape(6, 2) * 3)
+    perfect = linear_datamodeling_scores({"exact": np.arange(12.0).reshape(6, 2)},
+                                         np.arange(12.0).reshape(6, 2) * 3)["exact"]
     assert perfect["mean"] == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="subsets: must be >= 2"):
         ValidateConfig(subsets=1)
+
+
+def test_column_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 5, (20, 7)).astype(float), rng.normal(size=(20, 7))
+    expected = [spearmanr(x[:, c], y[:, c])[0] for c in range(7)]
+    assert column_spearman(x, y) == pytest.approx(expected)
+
+
+def test_the_lds_interval_of_a_useless_score_covers_zero():
+    """A target-free score with no information, against targets that share the subsets'
+    luck: the true LDS is 0, and a 95% interval must cover it about 95% of the time (an
+    interval over targets alone covers it in under a fifth of these draws)."""
+    covered = 0
+    for draw in range(40):
+        rng = np.random.default_rng(1000 + draw)
+        predicted = np.repeat(rng.normal(size=(20, 1)), 30, axis=1)
+        actual = rng.normal(size=(20, 1)) + 0.3 * rng.normal(size=(20, 30))
+        low, high = linear_datamodeling_scores({"useless": predicted}, actual, seed=draw,
+                                               resamples=200)["useless"]["ci95"]
+        covered += low <= 0 <= high
+    assert covered >= 34
 
 
 def test_a_validation_beside_an_experiment_joins_its_report(validated, tiny_bert):

@@ -188,7 +188,7 @@ def print_validation(result: ValidationResult) -> None:
     """The LDS per score (mean over targets with a bootstrap interval, and for the whole
     validation set) and the flip calibration; both sized for an 80-column terminal."""
     data = result.data
-    lds = Table("score", "LDS (per pair)", "LDS (whole set)", box=box.SIMPLE_HEAD,
+    lds = Table("score", "LDS (per pair)", "vs random", "LDS (whole set)", box=box.SIMPLE_HEAD,
                 pad_edge=False,
                 title=f"linear datamodeling score: {result.config.subsets} retrains on "
                       f"{result.config.subset_fraction:.0%} subsets, {data['lds_targets']} "
@@ -197,7 +197,9 @@ def print_validation(result: ValidationResult) -> None:
     for method, entry in result.lds.items():
         whole = result.set_level[method]
         interval = whole.get("ci95")
-        lds.add_row(method, format_lds(entry), f"{whole['spearman']:.2f}" + (
+        versus = entry.get("vs_random")
+        lds.add_row(method, format_lds(entry), format_lds(versus, signed=True) if versus else "",
+                    f"{whole['spearman']:.2f}" + (
             f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
     stdout.print(lds)
     if result.flips:

@@ -8,7 +8,8 @@ Two checks, both measured on the user's own data:
   are removed: the sum of their predicted effects, ``−Σ_{i removed} harm_i(v)`` (a harm is the
   predicted drop of loss when a pair goes). The LDS of v is the Spearman correlation, across
   subsets, between predicted and actual change ``ℓ_v(θ_subset) − ℓ_v(θ_full)``; a score's LDS is
-  the mean over targets, with a bootstrap interval over targets. ``random`` is the floor.
+  the mean over targets, with a bootstrap interval over subsets and targets. ``random`` is
+  the floor.
   The same is reported for the validation set as a whole (one target, interval by bootstrap
   over subsets).
 * **Flip calibration.** Flip a seeded share of the training labels in a copy of the data,
@@ -34,7 +35,6 @@ import pandas as pd
 import torch
 
 from prefprune.detection import detection_report
-from prefprune.ensemble import spearman
 from prefprune.experiment.config import ValidateConfig
 from prefprune.experiment.folder import RunFolder, check_splits
 from prefprune.files import write_json_atomic
@@ -68,34 +68,86 @@ def predicted_changes(harm: np.ndarray, kept: list[np.ndarray]) -> np.ndarray:
     return np.stack([-(total - harm[rows].sum(axis=0)) for rows in kept])
 
 
-def linear_datamodeling_score(predicted: np.ndarray, actual: np.ndarray, *, seed: int = 0,
-                              resamples: int = BOOTSTRAP) -> dict[str, Any]:
-    """Per target (column), the Spearman correlation across subsets (rows) of predicted and
-    actual change; their mean, and a 95% percentile bootstrap interval over targets."""
-    per_target = np.array([spearman(predicted[:, t], actual[:, t])
-                           for t in range(predicted.shape[1])])
-    valid = per_target[np.isfinite(per_target)]
-    out: dict[str, Any] = {"mean": float(valid.mean()) if len(valid) else float("nan"),
-                           "targets": len(valid), "per_target": per_target.tolist()}
-    if len(valid) > 1:
-        rng = np.random.default_rng(seed)
-        means = rng.choice(valid, size=(resamples, len(valid))).mean(axis=1)
-        out["ci95"] = [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+def column_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's correlation of each column of ``x`` with the same column of ``y`` (rows are
+    observations; ties share their average rank, as a bootstrap draw repeats rows)."""
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = rx - rx.mean(axis=0), ry - ry.mean(axis=0)
+    scale = np.sqrt((rx**2).sum(axis=0) * (ry**2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(scale > 0, (rx * ry).sum(axis=0) / np.where(scale > 0, scale, 1.0),
+                        np.nan)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks along axis 0, ties averaged; vectorised over columns."""
+    rows, cols = x.shape
+    order = np.argsort(x, axis=0, kind="stable")
+    ordered = np.take_along_axis(x, order, axis=0)
+    starts = np.vstack([np.ones((1, cols), bool), ordered[1:] != ordered[:-1]])
+    group = (np.cumsum(starts, axis=0) - 1) + np.arange(cols) * rows
+    position = np.broadcast_to(np.arange(rows, dtype=np.float64)[:, None], x.shape)
+    sums = np.bincount(group.ravel(), weights=position.ravel(), minlength=rows * cols)
+    counts = np.bincount(group.ravel(), minlength=rows * cols)
+    ranks = np.empty_like(position)
+    np.put_along_axis(ranks, order, (sums[group] / counts[group]), axis=0)
+    return ranks
+
+
+def linear_datamodeling_scores(predicted: dict[str, np.ndarray], actual: np.ndarray, *,
+                               baseline: str | None = "random", seed: int = 0,
+                               resamples: int = BOOTSTRAP) -> dict[str, dict[str, Any]]:
+    """Each score's LDS: per target (column), the Spearman correlation across subsets (rows)
+    of its predicted change (``predicted[score]``) with the actual change; the mean over
+    targets with a 95% percentile bootstrap interval, and the paired difference to
+    ``baseline`` (``vs_baseline``) when that score is among them.
+
+    The bootstrap resamples subsets *and* targets, the same draw for every score: every
+    target is measured on the same subsets, so their correlations share the subsets' luck;
+    resampling targets alone would treat them as independent and give a target-free score
+    (``random``, ``loss``) an interval far narrower than its real uncertainty
+    (docs/method.md, section 6). The shared draws make the differences paired."""
+    per_target = {m: column_spearman(p, actual) for m, p in predicted.items()}
+    out: dict[str, dict[str, Any]] = {
+        m: {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+            "targets": int(np.isfinite(v).sum()), "per_target": v.tolist()}
+        for m, v in per_target.items()}
+    subsets, targets = actual.shape
+    if targets < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in predicted}
+    for _ in range(resamples):
+        rows = rng.integers(0, subsets, size=subsets)
+        cols = rng.integers(0, targets, size=targets)
+        for m, p in predicted.items():
+            draw = column_spearman(p[rows][:, cols], actual[rows][:, cols])
+            # a draw of repeated subsets can leave a score no variation: nan, left out
+            draws[m].append(float(np.nanmean(draw)) if np.isfinite(draw).any() else np.nan)
+    for m, values in draws.items():
+        out[m]["ci95"] = _percentile_interval(np.asarray(values))
+        if baseline in draws and m != baseline:
+            out[m][f"vs_{baseline}"] = {
+                "mean": out[m]["mean"] - out[baseline]["mean"],
+                "ci95": _percentile_interval(np.asarray(values) - np.asarray(draws[baseline]))}
     return out
+
+
+def _percentile_interval(draws: np.ndarray) -> list[float] | None:
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return None
+    return [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
 
 
 def set_level_score(predicted: np.ndarray, actual: np.ndarray, *, seed: int = 0,
                     resamples: int = BOOTSTRAP) -> dict[str, Any]:
     """One target, many subsets: the Spearman correlation, with a bootstrap over subsets."""
-    value = spearman(predicted, actual)
+    value = float(column_spearman(predicted[:, None], actual[:, None])[0])
     rng = np.random.default_rng(seed)
-    draws = [spearman(predicted[idx], actual[idx])
-             for idx in rng.integers(0, len(predicted), size=(resamples, len(predicted)))]
-    draws = np.array([d for d in draws if np.isfinite(d)])
-    out: dict[str, Any] = {"spearman": value}
-    if len(draws):
-        out["ci95"] = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
-    return out
+    rows = rng.integers(0, len(predicted), size=(resamples, len(predicted)))
+    interval = _percentile_interval(column_spearman(predicted[rows].T, actual[rows].T))
+    return {"spearman": value, **({"ci95": interval} if interval else {})}
 
 
 @dataclass
@@ -146,9 +198,9 @@ class Validation:
         actual = np.stack([self._subset_losses(j, rows, train, targets) - full
                            for j, rows in enumerate(self._progress_over(kept))])
         methods = self.config.score_columns()
-        lds = {m: linear_datamodeling_score(
-            predicted_changes(_harm(table, m, list(targets)[1:]), kept), actual[:, 1:],
-            seed=self.config.seed) for m in methods}
+        lds = linear_datamodeling_scores(
+            {m: predicted_changes(_harm(table, m, list(targets)[1:]), kept) for m in methods},
+            actual[:, 1:], seed=self.config.seed)
         set_level = {m: set_level_score(
             predicted_changes(_harm(table, m, [SET_TARGET]), kept)[:, 0], actual[:, 0],
             seed=self.config.seed) for m in methods}
@@ -275,9 +327,11 @@ def _harm(table: pd.DataFrame, method: str, targets: list[str]) -> np.ndarray:
     return np.repeat(table[method].to_numpy(dtype=np.float64)[:, None], len(targets), axis=1)
 
 
-def format_lds(entry: dict[str, Any]) -> str:
-    """``0.41 [0.35, 0.47]`` for the terminal and the report."""
-    if "ci95" not in entry:
-        return f"{entry['mean']:.2f}"
+def format_lds(entry: dict[str, Any], *, signed: bool = False) -> str:
+    """``0.41 [0.35, 0.47]`` (``+0.12 [+0.03, +0.21]`` when ``signed``) for the terminal and
+    the report."""
+    spec = "+.2f" if signed else ".2f"
+    if not entry.get("ci95"):
+        return f"{entry['mean']:{spec}}"
     low, high = entry["ci95"]
-    return f"{entry['mean']:.2f} [{low:.2f}, {high:.2f}]"
+    return f"{entry['mean']:{spec}} [{low:{spec}}, {high:{spec}}]"
