@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,14 +334,16 @@ def _accuracy_figure(result: ExperimentResult) -> Section:
     groups = _groups(result)
     fig, axes = _figure(5.0, 4.0, len(groups))
     base = result.summary["baseline"]["test_accuracy"]
+    methods = result.config.methods
+    shift = _dodge(sorted({a["fraction"] * 100 for a in result.summary["arms"]}), len(methods))
     for ax, group in zip(axes, groups):
-        for method in result.config.methods:
+        for k, method in enumerate(methods):
             arms = sorted((a for a in result.summary["arms"] if a["method"] == method
                            and f"{a['action']} {a['direction']}" == group),
                           key=lambda a: a["fraction"])
             if not arms:
                 continue
-            x = [a["fraction"] * 100 for a in arms]
+            x = [a["fraction"] * 100 + shift(k) for a in arms]
             y = [a["test_accuracy"]["mean"] for a in arms]
             err = [a["test_accuracy"]["ci95"] or 0.0 for a in arms]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
@@ -353,6 +356,14 @@ def _accuracy_figure(result: ExperimentResult) -> Section:
     return Section("Accuracy against fraction", text=[
         "Mean test accuracy over seeds with 95% intervals; the dashed line and grey band are "
         "the unpruned baseline."], figure="accuracy", figure_png=_png(fig))
+
+
+def _dodge(fractions: list[float], methods: int) -> Callable[[int], float]:
+    """Horizontal offset of method ``k``'s points, so that intervals at the same fraction sit
+    side by side instead of on top of each other (within 60% of the gap between fractions)."""
+    gap = min((b - a for a, b in itertools.pairwise(fractions)), default=2.0)
+    step = 0.6 * gap / max(methods, 1)
+    return lambda k: (k - (methods - 1) / 2) * step
 
 
 def _roc_figure(result: ExperimentResult) -> Section:
