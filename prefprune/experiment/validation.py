@@ -71,7 +71,11 @@ def predicted_changes(harm: np.ndarray, kept: list[np.ndarray]) -> np.ndarray:
 def column_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman's correlation of each column of ``x`` with the same column of ``y`` (rows are
     observations; ties share their average rank, as a bootstrap draw repeats rows)."""
-    rx, ry = _average_ranks(x), _average_ranks(y)
+    return _rank_correlation(_average_ranks(x), _average_ranks(y))
+
+
+def _rank_correlation(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each column of two rank matrices (nan where one is constant)."""
     rx, ry = rx - rx.mean(axis=0), ry - ry.mean(axis=0)
     scale = np.sqrt((rx**2).sum(axis=0) * (ry**2).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -120,8 +124,9 @@ def linear_datamodeling_scores(predicted: dict[str, np.ndarray], actual: np.ndar
     for _ in range(resamples):
         rows = rng.integers(0, subsets, size=subsets)
         cols = rng.integers(0, targets, size=targets)
+        ranked_actual = _average_ranks(actual[rows][:, cols])  # once per draw, for every score
         for m, p in predicted.items():
-            draw = column_spearman(p[rows][:, cols], actual[rows][:, cols])
+            draw = _rank_correlation(_average_ranks(p[rows][:, cols]), ranked_actual)
             # a draw of repeated subsets can leave a score no variation: nan, left out
             draws[m].append(float(np.nanmean(draw)) if np.isfinite(draw).any() else np.nan)
     for m, values in draws.items():
