@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from prefprune.errors import OutputError
+
+#: Rust libraries (tokenizers, safetensors) report a failed write as a plain exception whose
+#: text ends like Rust's I/O errors: "No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"([A-Z][^()\n]*?) \(os error \d+\)")
 
 #: Marker file in every folder prefprune creates: JSON ``{"kind": ...}``.
 MARKER = ".prefprune"
@@ -38,16 +45,41 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` to produce the file (or folder) at a temporary path, then rename it
     to ``path``. On any error the temporary output is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    _remove(tmp)
-    try:
+    with _cleaning(tmp, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
     return path
+
+
+@contextmanager
+def _cleaning(tmp: Path, destination: Path) -> Iterator[None]:
+    """Remove the temporary output ``tmp`` when the block fails, and report a failed write
+    (a full disk, say) as an :class:`OutputError` naming ``destination``, whatever library
+    raised it."""
+    try:
+        yield
+    except BaseException as exc:
+        _remove(tmp)
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {destination}: {reason}") from exc
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """The OS's words when ``exc`` is a failed write ("No space left on device"), from Python,
+    safetensors or tokenizers alike; None for any other exception (a bug stays a bug)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if isinstance(exc, SafetensorError):  # IoError(Os { code: 28, .., message: "..." })
+        found = re.search(r'message: "([^"]+)"', text)
+        return found.group(1) if found else text
+    found = _RUST_OS_ERROR.search(text)
+    return found.group(1) if found else None
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -166,19 +198,33 @@ def check_output_file(path: str | os.PathLike, *, owned: Callable[[Path], bool],
                           "to replace it, or choose another name")
 
 
-def remove_entries(folder: Path, names: Iterable[str]) -> None:
-    """Remove the named entries of a folder prefprune marked as its own (an ``overwrite``).
+def remove_owned(folder: Path, patterns: Iterable[str]) -> None:
+    """Remove what a command writes into a folder prefprune marked as its own (an
+    ``overwrite``), and nothing else.
 
-    Only the entries a command itself writes are named, so anything a user added by hand to
-    an output folder survives even an overwrite.
+    ``patterns`` are globs relative to ``folder`` naming exactly the entries the command
+    writes (``runs/*.json``, ``models/*/adapter``), so a user's notes in the folder or in any
+    subfolder survive even an overwrite. A subfolder left empty by the removal (or holding
+    only its prefprune marker) goes too.
     """
     folder = Path(folder)
     if not folder.exists():
         return
     if marker_kind(folder) is None:
         raise OutputError(f"{folder} was not written by prefprune; refusing to clear it")
-    for name in names:
-        _remove(folder / name)
+    root = folder.resolve()
+    emptied: set[Path] = set()
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern), reverse=True):
+            if not path.parent.resolve().is_relative_to(root):  # reached through a link
+                continue
+            _remove(path)
+            emptied.update(p for p in path.parents if p.is_relative_to(folder) and p != folder)
+    for parent in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        if [p.name for p in parent.iterdir()] == [MARKER]:
+            _remove(parent / MARKER)
+        with suppress(OSError):  # not empty: it holds something the command did not write
+            parent.rmdir()
 
 
 @contextmanager
@@ -191,14 +237,38 @@ def replacing_folder(folder: Path) -> Any:
     """
     folder = Path(folder)
     tmp = temporary_path(folder)
-    _remove(tmp)
-    try:
+    with _cleaning(tmp, folder):
+        _remove(tmp)
         yield tmp
         aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         if folder.exists():
             os.replace(folder, aside)
         os.replace(tmp, folder)
         _remove(aside)
-    except BaseException:
+
+
+@contextmanager
+def replacing_entries(folder: Path, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a temporary folder to build the entries ``names`` in; on success each replaces
+    its namesake in ``folder``, and nothing else there is touched (a user's notes beside a
+    saved model survive its overwrite).
+
+    A new folder is renamed into place whole. In an existing one the last name is the commit
+    point: it is removed first and put in place last, so a crash in between leaves a folder
+    that reads as incomplete (and is refused as such), never a silent mixture of two outputs.
+    """
+    folder = Path(folder)
+    tmp = temporary_path(folder)
+    with _cleaning(tmp, folder):
         _remove(tmp)
-        raise
+        tmp.mkdir(parents=True)
+        yield tmp
+        if not folder.exists():
+            os.replace(tmp, folder)
+            return
+        _remove(folder / names[-1])
+        for name in names:
+            _remove(folder / name)
+            if (tmp / name).exists():
+                os.replace(tmp / name, folder / name)
+        _remove(tmp)

@@ -21,7 +21,7 @@ from prefprune.experiment.config import RunConfig
 from prefprune.files import (
     check_folder,
     claim_folder,
-    remove_entries,
+    remove_owned,
     write_json_atomic,
     write_text_atomic,
 )
@@ -37,8 +37,9 @@ def split_fingerprints(data: PreparedData) -> dict[str, str]:
 
 
 class RunFolder:
-    """``path`` as the home of one ``kind`` of run with ``config``; ``entries`` are the names
-    the run writes there (all that ``overwrite`` removes)."""
+    """``path`` as the home of one ``kind`` of run with ``config``; ``entries`` are globs of
+    what the run writes there (all that ``overwrite`` removes, see
+    :func:`~prefprune.files.remove_owned`)."""
 
     def __init__(self, path: str | Path, kind: str, config: RunConfig,
                  entries: Iterable[str], *, overwrite: bool = False) -> None:
@@ -59,7 +60,7 @@ class RunFolder:
         """
         state = {"fingerprints": split_fingerprints(data)}
         if self.overwrite:
-            remove_entries(self.path, self.entries)
+            remove_owned(self.path, self.entries)
         claim_folder(self.path, self.kind, resume=True)
         config_path, state_path = self.path / CONFIG_FILE, self.path / STATE_FILE
         if config_path.exists():

@@ -39,7 +39,9 @@ from prefprune.experiment.config import ValidateConfig
 from prefprune.experiment.folder import RunFolder, check_splits
 from prefprune.files import write_json_atomic
 from prefprune.influence import ScoreResult
+from prefprune.influence.results import score_table_entries
 from prefprune.model import FrozenLayerCache, RewardModel, bradley_terry_loss
+from prefprune.model.reward_model import MODEL_FILES
 from prefprune.pipeline import PreparedData, data_summary, prepare_data, rendering_of
 from prefprune.progress import progress_bar
 from prefprune.pruning import inject_flips
@@ -48,7 +50,11 @@ from prefprune.training import evaluate, train_reward_model
 
 VALIDATE_FILE = "validate.json"
 COSTS_FILE = "costs.json"
-OWN_ENTRIES = (VALIDATE_FILE, COSTS_FILE, "models", "scores", "runs", "flips")
+#: What a validation writes into its folder besides its settings (``overwrite`` removes
+#: exactly these).
+OWN_ENTRIES = (VALIDATE_FILE, COSTS_FILE, "runs/subset*.json",
+               *(f"models/full/{name}" for name in MODEL_FILES),
+               *score_table_entries("scores/full"), *score_table_entries("flips/scores"))
 #: Name of the whole-validation-set target beside the per-pair targets ``v0``, ``v1``, ...
 SET_TARGET = "set"
 BOOTSTRAP = 1000

@@ -34,6 +34,12 @@ def sidecar_of(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def score_table_entries(stem: str) -> tuple[str, ...]:
+    """Globs of what saving the score table ``stem + '.parquet'`` writes: the table, its
+    sidecar and its work folder of resumable shards."""
+    return (f"{stem}.parquet", f"{stem}.json", f"{stem}.parquet.work")
+
+
 def is_score_table(path: Path) -> bool:
     """Whether ``path`` is a score table prefprune wrote (its Parquet metadata says so)."""
     try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prefprune.errors import ConfigError, ModelError
-from prefprune.files import check_folder, mark, replacing_folder, write_json_atomic
+from prefprune.files import MARKER, check_folder, mark, replacing_entries, write_json_atomic
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import EncodingStats, PairBatch, PairEncoder
 from prefprune.model.layer_cache import FrozenLayerCache
@@ -34,6 +34,12 @@ from prefprune.model.loading import (
     quiet_transformers,
     read_json,
 )
+
+#: What :meth:`RewardModel.save` writes into its folder, the description last: a folder
+#: without it is no model, so it is written once everything else is in place.
+MODEL_ENTRIES = ("adapter", "tokenizer", MARKER, METADATA_FILE)
+#: The entries that hold the model itself; its marker stays while a user's files are beside it.
+MODEL_FILES = tuple(name for name in MODEL_ENTRIES if name != MARKER)
 
 
 def seed_everything(seed: int) -> None:
@@ -135,13 +141,15 @@ class RewardModel:
         """Save adapter + head (safetensors), tokenizer, config and ``metadata`` to ``path``.
 
         ``path`` must be new, empty, or (with ``overwrite``) a reward model prefprune saved
-        before: nothing else is ever replaced. The folder is built beside its destination and
-        renamed into place, so a crash leaves the old model or the new one, never a mixture.
+        before; only the entries of :data:`MODEL_ENTRIES` are replaced, so files a user put
+        beside a model stay. The model is built beside its destination and moved into place
+        with its description last, so a crash leaves the old model, the new one, or a folder
+        that loads as no model: never a mixture.
         """
         path = Path(path)
         check_folder(path, "model", overwrite=overwrite)
         merged = {**self.metadata, **metadata}
-        with replacing_folder(path) as tmp, quiet_transformers():
+        with replacing_entries(path, MODEL_ENTRIES) as tmp, quiet_transformers():
             self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             write_json_atomic(tmp / METADATA_FILE, {
