@@ -34,20 +34,21 @@ _MISSING = dataclasses.MISSING
 
 
 def setting(default: Any = _MISSING, *, help: str, min: float | None = None,
-            max: float | None = None, above: float | None = None,
+            max: float | None = None, above: float | None = None, below: float | None = None,
             choices: tuple[Any, ...] | None = None, default_factory: Any = _MISSING,
             cli: bool = True, persist: bool = True, identity: bool = True,
             metavar: str | None = None) -> Any:
     """A dataclass field with what users and the CLI need to know about it.
 
-    ``min``/``max`` are inclusive bounds and ``above`` an exclusive lower bound (applied to each
+    ``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive ones (applied to each
     element of a tuple); ``choices`` the allowed values. ``cli=False`` keeps the field off the
     command line (it stays a Python and YAML setting). ``persist=False`` keeps it out of every
     saved file: a setting that must come from the user each time (``trust_remote_code``).
     ``identity=False`` marks a runtime setting (a cache budget) that does not change results,
     so it is left out of fingerprints.
     """
-    metadata = {"help": help, "min": min, "max": max, "above": above, "choices": choices,
+    metadata = {"help": help, "min": min, "max": max, "above": above, "below": below,
+                "choices": choices,
                 "cli": cli, "persist": persist, "identity": identity, "metavar": metavar}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -124,6 +125,19 @@ class Settings:
     def replace(self: S, **changes: Any) -> S:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def check_value(cls, name: str, value: Any, *, called: str | None = None) -> Any:
+        """``value`` checked and normalised as field ``name`` would be (type and limits), so
+        another setting can reuse the field's rules; errors name it ``called``."""
+        field = cls.fields_help()[name]
+        label = called or name
+        try:
+            value = _coerce(value, _hints(cls)[name], label)
+            _check_limits(value, field, label)
+        except ConfigError as exc:
+            raise cls.error(exc.field, exc.problem) from None
+        return value
 
     @classmethod
     def fields_help(cls) -> dict[str, dataclasses.Field]:
@@ -219,6 +233,10 @@ def _coerce_scalar(value: Any, annotation: Any, name: str) -> Any:
             return value
     elif annotation is float:
         number = _number(value)
+        if number is not None and math.isnan(number):
+            raise ConfigError(name, f"is not a number (got {value!r})")
+        if number is not None and math.isinf(number):
+            raise ConfigError(name, f"must be finite, got {value!r}")
         if number is not None:
             return number
     elif annotation is str:
@@ -230,7 +248,7 @@ def _coerce_scalar(value: Any, annotation: Any, name: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    """A finite float from an int, a float or a numeric string; None otherwise."""
+    """A float from an int, a float or a numeric string; None otherwise."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -242,15 +260,21 @@ def _number(value: Any) -> float | None:
             return None
     else:
         return None
-    return number if math.isfinite(number) else None
+    return number
 
 
 def _wrong(name: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(name, f"must be {expected}, got {value!r}")
 
 
-def _check_limits(value: Any, f: dataclasses.Field) -> None:
+#: The limit checks of a field: metadata key, how a value fails it, what the message says.
+_LIMITS = (("min", lambda v, b: v < b, ">="), ("max", lambda v, b: v > b, "<="),
+           ("above", lambda v, b: v <= b, ">"), ("below", lambda v, b: v >= b, "<"))
+
+
+def _check_limits(value: Any, f: dataclasses.Field, name: str | None = None) -> None:
     meta = f.metadata
+    name = name or f.name
     values = value if isinstance(value, tuple) else (value,)
     for item in values:
         if item is None or isinstance(item, Settings | Mapping | tuple):
@@ -258,12 +282,15 @@ def _check_limits(value: Any, f: dataclasses.Field) -> None:
         choices = meta.get("choices")
         if choices is not None and item not in choices:
             allowed = ", ".join(map(str, choices))
-            raise ConfigError(f.name, f"must be one of {allowed}, got {item!r}")
+            raise ConfigError(name, f"must be one of {allowed}, got {item!r}")
         if isinstance(item, bool) or not isinstance(item, int | float):
             continue
-        if meta.get("min") is not None and item < meta["min"]:
-            raise ConfigError(f.name, f"must be >= {meta['min']}, got {item!r}")
-        if meta.get("max") is not None and item > meta["max"]:
-            raise ConfigError(f.name, f"must be <= {meta['max']}, got {item!r}")
-        if meta.get("above") is not None and item <= meta["above"]:
-            raise ConfigError(f.name, f"must be > {meta['above']}, got {item!r}")
+        for key, fails, words in _LIMITS:
+            if meta.get(key) is not None and fails(item, meta[key]):
+                raise ConfigError(name, f"must be {words} {meta[key]}, got {item!r}")
+
+
+def limits_text(f: dataclasses.Field) -> str:
+    """A field's limits in words for help texts, e.g. ``> 0, < 1``; empty when it has none."""
+    return ", ".join(f"{words} {f.metadata[key]:g}" for key, _, words in _LIMITS
+                     if f.metadata.get(key) is not None)

@@ -14,19 +14,20 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
 import pandas as pd
 
+from prefprune.config import Settings, setting
 from prefprune.data import fingerprint, load_preferences
 from prefprune.data.writer import RewriteReport, rewrite_source
-from prefprune.errors import DataError, SelectionError, StaleDataWarning
+from prefprune.errors import ConfigError, DataError, SelectionError, StaleDataWarning
 from prefprune.files import (
     check_folder,
     claim_folder,
-    remove_entries,
+    remove_owned,
     write_json_atomic,
     write_text_atomic,
 )
@@ -37,24 +38,50 @@ from prefprune.progress import quiet_datasets
 DIRECTIONS = ("harmful", "helpful")
 
 
+class PruneConfigError(ConfigError, SelectionError):
+    """A :class:`PruneConfig` setting is invalid."""
+
+
+@dataclass(frozen=True)
+class PruneConfig(Settings):
+    """Which pairs a prune acts on, and what it does to them.
+
+    One declaration serves ``prefprune prune`` (its flags are these fields),
+    :func:`prune_source`, and every arm of an experiment, whose fractions obey the same
+    limits as ``fraction``.
+    """
+
+    section: ClassVar[str] = "prune"
+    error: ClassVar[type[ConfigError]] = PruneConfigError
+
+    by: str = setting("if", help="Score column to rank by (e.g. if, grad_cos, loss, flip, or "
+                                 "if@subreddit=tifu).")
+    fraction: float = setting(0.1, above=0.0, below=1.0,
+                              help="Share of the scored pairs to act on.")
+    direction: str = setting("harmful", choices=DIRECTIONS,
+                             help="harmful takes the largest harms, helpful the smallest.")
+    relabel: bool = setting(False, help="Flip the selected pairs' labels instead of removing "
+                                        "them.")
+
+    @property
+    def action(self) -> str:
+        return "relabel" if self.relabel else "remove"
+
+
 @dataclass(frozen=True)
 class Selection:
     """The pairs chosen by one score, in rank order (most extreme first)."""
 
-    by: str
-    fraction: float
-    direction: str
+    config: PruneConfig
     ids: tuple[str, ...]
 
     def to_dict(self) -> dict[str, object]:
-        return {"by": self.by, "fraction": self.fraction, "direction": self.direction,
-                "pairs": len(self.ids)}
+        return {"by": self.config.by, "fraction": self.config.fraction,
+                "direction": self.config.direction, "pairs": len(self.ids)}
 
 
 def selection_size(total: int, fraction: float) -> int:
-    """Pairs in the top ``fraction`` of ``total`` (rounded; at least one when fraction > 0)."""
-    if not 0 < fraction < 1:
-        raise SelectionError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
+    """Pairs in the top ``fraction`` of ``total`` (rounded; at least one)."""
     return max(1, round(fraction * total))
 
 
@@ -69,12 +96,10 @@ def score_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c in ranked or str(c).split("@")[0] in ALL_SCORES]
 
 
-def select(table: pd.DataFrame, by: str, fraction: float,
-           direction: str = "harmful") -> Selection:
-    """The top ``fraction`` of ``table`` by score column ``by`` in ``direction``."""
-    if direction not in DIRECTIONS:
-        raise SelectionError(f"direction must be one of {', '.join(DIRECTIONS)}, "
-                             f"not {direction!r}")
+def select(table: pd.DataFrame, config: PruneConfig) -> Selection:
+    """The top ``config.fraction`` of ``table`` by score column ``config.by`` in
+    ``config.direction``."""
+    by = config.by
     scores = score_columns(table)
     if by not in scores:
         what = "has no column" if by not in table.columns else "has no score column"
@@ -83,9 +108,9 @@ def select(table: pd.DataFrame, by: str, fraction: float,
     values = table[by].to_numpy(dtype=np.float64)
     if np.isnan(values).any():
         raise SelectionError(f"score {by!r} has missing values; cannot rank by it")
-    key = -values if direction == "harmful" else values
-    order = np.argsort(key, kind="stable")[: selection_size(len(table), fraction)]
-    return Selection(by, fraction, direction, tuple(table["id"].astype(str).to_numpy()[order]))
+    key = -values if config.direction == "harmful" else values
+    order = np.argsort(key, kind="stable")[: selection_size(len(table), config.fraction)]
+    return Selection(config, tuple(table["id"].astype(str).to_numpy()[order]))
 
 
 def remove_pairs(dataset: datasets.Dataset, ids: Iterable[str]) -> datasets.Dataset:
@@ -144,13 +169,12 @@ class PruneResult:
     rewrite: RewriteReport
     removed_file: Path
     summary_file: Path
-    action: str
     summary: dict[str, Any]
     table: pd.DataFrame
 
     def selected_scores(self) -> list[tuple[str, float]]:
         """(id, score) of every selected pair, most extreme first."""
-        values = self.table.set_index(self.table["id"].astype(str))[self.selection.by]
+        values = self.table.set_index(self.table["id"].astype(str))[self.selection.config.by]
         return [(pid, float(values[pid])) for pid in self.selection.ids]
 
 
@@ -187,15 +211,13 @@ def prune_source(
     scores: pd.DataFrame | str | os.PathLike,
     source: str | os.PathLike,
     output: str | os.PathLike,
+    config: PruneConfig | None = None,
     *,
-    by: str = "if",
-    fraction: float = 0.1,
-    direction: str = "harmful",
-    relabel: bool = False,
     overwrite: bool = False,
     data_options: Mapping[str, Any] | None = None,
 ) -> PruneResult:
-    """Remove (or relabel) the top ``fraction`` of scored pairs from ``source``.
+    """Remove (or relabel) the pairs ``config`` selects (default: the top 10% by IF) from
+    ``source``.
 
     ``output`` is a new or empty folder (or, with ``overwrite``, an earlier prune output) that
     receives the source rewritten in its own format and layout under its own name,
@@ -206,7 +228,8 @@ def prune_source(
     """
     table = read_scores(scores) if not isinstance(scores, pd.DataFrame) else \
         check_score_table(scores)
-    chosen = select(table, by, fraction, direction)
+    config = config or PruneConfig()
+    chosen = select(table, config)
     output = Path(output)
     inputs = [source] if isinstance(scores, pd.DataFrame) else [source, scores]
     check_folder(output, "prune", overwrite=overwrite, inputs=inputs)
@@ -215,19 +238,19 @@ def prune_source(
     texts = load_preferences(source, **options).dataset
     if not isinstance(scores, pd.DataFrame):
         _check_same_data(Path(scores), texts, source)
-    action = "relabel" if relabel else "remove"
+    relabel = config.relabel
     ids = set(chosen.ids)
     claim_folder(output, "prune", overwrite=overwrite)
-    remove_entries(output, (REMOVED_FILE, SUMMARY_FILE))
+    remove_owned(output, (REMOVED_FILE, SUMMARY_FILE))
     rewrite = rewrite_source(source, output / _output_name(source), **options,
                              remove=set() if relabel else ids, relabel=ids if relabel else set())
     removed_file = output / REMOVED_FILE
-    _write_evidence(removed_file, table, chosen, action, texts)
-    summary = {**chosen.to_dict(), "action": action, "source": str(source),
+    _write_evidence(removed_file, table, chosen, texts)
+    summary = {**chosen.to_dict(), "action": config.action, "source": str(source),
                "output": str(rewrite.output), "rows_in": rewrite.rows_in,
                "rows_out": rewrite.rows_out, "scored_pairs": len(table)}
     summary_file = write_json_atomic(output / SUMMARY_FILE, summary)
-    return PruneResult(chosen, rewrite, removed_file, summary_file, action, summary, table)
+    return PruneResult(chosen, rewrite, removed_file, summary_file, summary, table)
 
 
 def _check_same_data(scores: Path, texts: datasets.Dataset, source: str | os.PathLike) -> None:
@@ -254,14 +277,14 @@ def _output_name(source: str | os.PathLike) -> str:
     return path.name if path.exists() else str(source).replace("/", "__")
 
 
-def _write_evidence(path: Path, table: pd.DataFrame, chosen: Selection, action: str,
+def _write_evidence(path: Path, table: pd.DataFrame, chosen: Selection,
                     texts: datasets.Dataset) -> None:
     """One JSON line per affected pair, most extreme first: why it was picked, and what."""
     row_of = {pid: i for i, pid in enumerate(texts["id"])}
     by_id = table.set_index(table["id"].astype(str))
     lines = []
     for rank, pid in enumerate(chosen.ids, start=1):
-        record = {"id": pid, "action": action, "selected_rank": rank,
+        record = {"id": pid, "action": chosen.config.action, "selected_rank": rank,
                   **json.loads(by_id.loc[pid].drop(labels="id").to_json())}
         pair = texts[row_of[pid]]
         record.update({k: pair[k] for k in ("prompt", "chosen", "rejected", "source_file",

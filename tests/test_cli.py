@@ -215,7 +215,7 @@ def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
     expert = expert_validation(data, tmp_path / "expert.jsonl")
     monkeypatch.setattr(pipeline, "default_dataset_path", lambda: data)
     monkeypatch.setattr(config, "default_expert_validation_path", lambda: expert)
-    monkeypatch.setattr(commands, "demo_config", lambda seeds: demo_config(
+    monkeypatch.setattr(commands, "demo_config", lambda seeds=(0, 1, 2): demo_config(
         seeds, RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
         TrainConfig(epochs=1, batch_size=8, learning_rate=0.01)))
     result = run("demo", "--output", tmp_path / "demo", "--quiet", "--seeds", "0,1")

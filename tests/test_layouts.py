@@ -13,7 +13,7 @@ from helpers import run_cli
 from prefprune.data import PLAIN, load_preferences
 from prefprune.data.messages import ChatTemplateRendering, rendering_for, shared_text
 from prefprune.data.pairwise import flip_label
-from prefprune.pruning import prune_source
+from prefprune.pruning import PruneConfig, prune_source
 
 
 def user(text: str) -> dict:
@@ -159,10 +159,11 @@ def test_round_trip_through_prune(tmp_path, name, rows, options, suffix):
     before = load_preferences(source, **options)
     ids = before.dataset["id"]
     scores = pd.DataFrame({"id": ids, "loss": [float(i) for i in range(len(ids))]})
-    removed = prune_source(scores, source, tmp_path / "removed", by="loss",
-                           fraction=1 / len(ids) - 1e-9, data_options=options)
-    relabelled = prune_source(scores, source, tmp_path / "relabelled", by="loss",
-                              fraction=1 / len(ids) - 1e-9, relabel=True, data_options=options)
+    top_pair = PruneConfig(by="loss", fraction=1 / len(ids) - 1e-9)
+    removed = prune_source(scores, source, tmp_path / "removed", top_pair,
+                           data_options=options)
+    relabelled = prune_source(scores, source, tmp_path / "relabelled",
+                              top_pair.replace(relabel=True), data_options=options)
     (top,) = removed.selection.ids
     after = load_preferences(removed.rewrite.output, **options)
     assert after.report.kept == before.report.kept - 1 and top not in after.dataset["id"]

@@ -17,6 +17,7 @@ from prefprune.data import load_preferences
 from prefprune.data.writer import rewrite_source
 from prefprune.errors import DataError, SelectionError, StaleDataWarning
 from prefprune.pruning import (
+    PruneConfig,
     inject_flips,
     prune_source,
     relabel_pairs,
@@ -40,12 +41,13 @@ def table(harm: list[float]) -> pd.DataFrame:
 
 def test_select_harmful_and_helpful_in_rank_order():
     scores = table([0.5, -2.0, 3.0, 0.0, 1.0, -1.0, 2.0, 0.1, 0.2, -0.5])
-    assert select(scores, "if", 0.3).ids == ("p2", "p6", "p4")
-    assert select(scores, "if", 0.2, "helpful").ids == ("p1", "p5")
+    assert select(scores, PruneConfig(by="if", fraction=0.3)).ids == ("p2", "p6", "p4")
+    assert select(scores, PruneConfig(by="if", fraction=0.2, direction="helpful")).ids == \
+        ("p1", "p5")
 
 
 def test_ties_break_by_table_order():
-    assert select(table([1.0, 1.0, 1.0, 0.0]), "if", 0.5).ids == ("p0", "p1")
+    assert select(table([1.0, 1.0, 1.0, 0.0]), PruneConfig(fraction=0.5)).ids == ("p0", "p1")
 
 
 @pytest.mark.parametrize(("total", "fraction", "size"), [(100, 0.1, 10), (7, 0.1, 1),
@@ -57,12 +59,14 @@ def test_selection_size(total, fraction, size):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"by": "nope"}, "no column 'nope'; rank by one of its scores: if"),
     ({"by": "rank_if"}, "no score column 'rank_if'"),
-    ({"fraction": 1.0}, "between 0 and 1"),
-    ({"direction": "sideways"}, "direction must be one of harmful, helpful"),
+    ({"fraction": 1.0}, "fraction: must be < 1"),
+    ({"fraction": 0.0}, "fraction: must be > 0"),
+    ({"fraction": float("nan")}, "fraction: is not a number"),
+    ({"direction": "sideways"}, "direction: must be one of harmful, helpful"),
 ])
 def test_selection_errors(kwargs, message):
     with pytest.raises(SelectionError, match=message):
-        select(table([1.0, 2.0]), **{"by": "if", "fraction": 0.5, **kwargs})
+        select(table([1.0, 2.0]), PruneConfig(**{"by": "if", "fraction": 0.5, **kwargs}))
 
 
 def pairs(n: int = 10) -> datasets.Dataset:
@@ -188,8 +192,8 @@ def test_prune_source_writes_data_evidence_and_summary(tmp_path):
     scores["rank_if"] = scores["if"].rank(ascending=False).astype(int)
     scores.to_parquet(tmp_path / "scores.parquet")
     with pytest.warns(StaleDataWarning, match="no sidecar"):
-        result = prune_source(tmp_path / "scores.parquet", source, tmp_path / "out", by="if",
-                              fraction=0.34)
+        result = prune_source(tmp_path / "scores.parquet", source, tmp_path / "out",
+                              PruneConfig(fraction=0.34))
     assert result.selection.ids == (data["id"][1],)
     assert [r["id"] for r in load_preferences(tmp_path / "out" / "pairs.jsonl").dataset] == \
         [data["id"][0], data["id"][2]]

@@ -29,7 +29,7 @@ from prefprune.data import DataOptions, load_preferences, rendering_for
 from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import Experiment, ExperimentConfig, demo_config
-from prefprune.experiment.config import DEMO_SEEDS, ValidateConfig
+from prefprune.experiment.config import ValidateConfig
 from prefprune.experiment.validation import VALIDATE_FILE, Validation
 from prefprune.influence import InfluenceConfig
 from prefprune.model import PairEncoder, RewardModelConfig
@@ -44,7 +44,7 @@ from prefprune.pipeline import (
     score_pairs,
     train_and_evaluate,
 )
-from prefprune.pruning import prune_source
+from prefprune.pruning import PruneConfig, prune_source
 from prefprune.report import write_report
 from prefprune.training import TrainConfig, resolve_device
 
@@ -121,6 +121,14 @@ VALIDATE_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence
                                  exclude=frozenset({"seed"}),
                                  defaults=_VALIDATE_DEFAULTS.influence)
 ENSEMBLE = OptionGroup("ensemble_config", EnsembleConfig, "Ensemble options", prefix="ensemble")
+DEVICE = OptionGroup("device_config", TrainConfig, "Model options", only=frozenset({"device"}))
+TRUST = OptionGroup("trust_config", RewardModelConfig, "Model options",
+                    only=frozenset({"trust_remote_code"}))
+OVERLAP = OptionGroup("overlap_config", ExperimentConfig, "Validation target options",
+                      only=frozenset({"allow_overlap"}))
+DEMO = OptionGroup("demo_values", ExperimentConfig, "Demo options", only=frozenset({"seeds"}),
+                   defaults=demo_config())
+PRUNE = OptionGroup("prune_config", PruneConfig, "Pruning options")
 EXPERIMENT_TRAIN = OptionGroup("train_config", TrainConfig, "Training options",
                                exclude=frozenset({"seed"}))
 EXPERIMENT_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
@@ -143,12 +151,6 @@ ValidationArg = Annotated[str | None, typer.Option(
 TestArg = Annotated[str | None, typer.Option(
     help="A separate test source (its own --test-* options) instead of DATA's test split.",
     rich_help_panel="Test set options")]
-OverlapFlag = Annotated[bool, typer.Option(
-    "--allow-overlap", rich_help_panel="Validation target options",
-    help="Use a --validation or --test source even if it shares pairs with the training split.")]
-TrustFlag = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Allow custom model code from the model's or backbone's "
-                                "repository to run (never enabled by a file).")]
 
 
 def _data(values: dict[str, Any]) -> DataOptions:
@@ -224,23 +226,24 @@ def train_command(
 
 
 @app.command("evaluate")
-@with_options(DATA)
+@with_options(DATA, DEVICE, TRUST)
 def evaluate_command(
     model: Annotated[Path, typer.Argument(help="A saved reward model directory (prefprune, a "
                                                "PEFT adapter or a full checkpoint).")],
     data_options: dict[str, Any],
+    device_config: dict[str, Any],
+    trust_config: dict[str, Any],
     data: DataArg = None,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
     seed: Annotated[int | None, typer.Option(
         help="Split seed for data without source splits. Default: the model's training seed, "
              "so that its test pairs stay unseen.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    trust_remote_code: TrustFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
     """Evaluate a saved reward model on a split of DATA: accuracy, loss, margin statistics."""
-    _device(device)
+    device = _device(DEVICE.build(device_config).device)
+    trust_remote_code = TRUST.build(trust_config).trust_remote_code
     split_seed = recorded_seed(model) if seed is None else seed
     prepared = prepare_data(data, seed=split_seed, options=_data(data_options),
                             rendering=rendering_of(model, trust_remote_code=trust_remote_code))
@@ -256,19 +259,19 @@ def evaluate_command(
 
 
 @app.command("score")
-@with_options(DATA, VALIDATION, MODEL, TRAIN, INFLUENCE, ENSEMBLE)
+@with_options(DATA, VALIDATION, OVERLAP, MODEL, TRAIN, INFLUENCE, ENSEMBLE)
 def score_command(
     output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
                                               "with the run's metadata is written beside it.")],
     data_options: dict[str, Any],
     validation_options: dict[str, Any],
+    overlap_config: dict[str, Any],
     model_config: dict[str, Any],
     train_config: dict[str, Any],
     influence_config: dict[str, Any],
     ensemble_config: dict[str, Any],
     data: DataArg = None,
     validation: ValidationArg = None,
-    allow_overlap: OverlapFlag = False,
     model: Annotated[Path | None, typer.Option(
         help="A trained reward model directory. Omitted: train one first with the model and "
              "training options.")] = None,
@@ -293,7 +296,7 @@ def score_command(
     prepared = prepare_data(data, seed=seed, options=_data(data_options), rendering=reader,
                             validation=validation,
                             validation_options=VALIDATION.build(validation_options),
-                            allow_overlap=allow_overlap)
+                            allow_overlap=OVERLAP.build(overlap_config).allow_overlap)
     outcome = score_pairs(prepared, model, influence, model_config=model_settings,
                           train_config=None if model is not None else train,
                           ensemble=ENSEMBLE.build(ensemble_config),
@@ -316,7 +319,7 @@ def score_command(
 
 
 @app.command("prune")
-@with_options(DATA)
+@with_options(DATA, PRUNE)
 def prune_command(
     scores: Annotated[Path, typer.Argument(help="Score table written by 'prefprune score'.")],
     data: Annotated[str, typer.Argument(help="The preference data the scores were computed on "
@@ -325,22 +328,15 @@ def prune_command(
                                               "name and format as DATA), removed.jsonl and "
                                               "prune.json.")],
     data_options: dict[str, Any],
-    by: Annotated[str, typer.Option(help="Score column to rank by (e.g. if, grad_cos, loss, "
-                                         "flip, or if@subreddit=tifu).")] = "if",
-    fraction: Annotated[float, typer.Option(help="Share of the scored pairs to act on.",
-                                            min=0.0, max=1.0)] = 0.1,
-    direction: Annotated[str, typer.Option(help="harmful (largest harm first) or helpful "
-                                                "(smallest first).")] = "harmful",
-    relabel: Annotated[bool, typer.Option("--relabel", help="Flip the selected pairs' labels "
-                                                            "instead of removing them.")] = False,
+    prune_config: dict[str, Any],
     top: Annotated[int, typer.Option(help="How many affected pairs to print.", min=0)] = 5,
     overwrite: OverwriteFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Remove (or relabel) the top pairs by a score; write DATA back in its own format."""
+    config = PRUNE.build(prune_config)
     try:
-        result = prune_source(scores, data, output, by=by, fraction=fraction,
-                              direction=direction, relabel=relabel, overwrite=overwrite,
+        result = prune_source(scores, data, output, config, overwrite=overwrite,
                               data_options=_data(data_options).kwargs())
     except SelectionError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -348,13 +344,13 @@ def prune_command(
     if json_output:
         print_json({**summary, "removed_file": str(result.removed_file)})
         return
-    verb = "relabelled" if relabel else "removed"
+    verb = "relabelled" if config.relabel else "removed"
     stdout.print(f"{verb} {len(result.selection.ids)} of {summary['scored_pairs']} scored pairs "
-                 f"({fraction:.0%} most {direction} by {escape(by)}); rows {result.rewrite.rows_in}"
-                 f" -> {result.rewrite.rows_out}")
+                 f"({config.fraction:.0%} most {config.direction} by {escape(config.by)}); rows "
+                 f"{result.rewrite.rows_in} -> {result.rewrite.rows_out}")
     stdout.print(f"wrote {escape(str(result.rewrite.output))}, "
                  f"{escape(str(result.removed_file))} and {escape(str(result.summary_file))}")
-    affected = Table("rank", "id", by, title=f"first {min(top, len(result.selection.ids))} "
+    affected = Table("rank", "id", config.by, title=f"first {min(top, len(result.selection.ids))} "
                                             f"{verb} pairs")
     for rank, (pid, value) in enumerate(result.selected_scores()[:top], start=1):
         affected.add_row(str(rank), escape(pid), f"{value:.4g}")
@@ -450,12 +446,12 @@ def _print_run(record: Any) -> None:
 
 
 @app.command("demo")
+@with_options(DEMO)
 def demo_command(
+    demo_values: dict[str, Any],
     output: Annotated[Path | None, typer.Option(
         help="Keep the experiment (models, scores, results.json, report) in this new folder.")
     ] = None,
-    seeds: Annotated[str, typer.Option(
-        help="Comma-separated replicate seeds.")] = ",".join(map(str, DEMO_SEEDS)),
     overwrite: OverwriteFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -463,10 +459,10 @@ def demo_command(
     """A small pruning experiment on the embedded synthetic set, scored against its
     expert-labelled validation pairs: train, score, remove the top 10% by IF, gradient cosine,
     loss and random, retrain, over three seeds, and print the headline table."""
-    replicates = EXPERIMENT.typed({"seeds": seeds})["seeds"]
+    config = DEMO.build(demo_values, base=demo_config())
     with tempfile.TemporaryDirectory(prefix="prefprune-demo-") as scratch:
         where = output or Path(scratch) / "demo"
-        result = Experiment(demo_config(replicates), where, progress=not quiet,
+        result = Experiment(config, where, progress=not quiet,
                             overwrite=overwrite).run()
         paths = write_report(result, where) if output is not None else {}
     if json_output:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from prefprune.config import Settings
+from prefprune.config import Settings, limits_text
 from prefprune.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -110,6 +110,8 @@ def _parameter(f: dataclasses.Field, annotation: Any, default: Any, panel: str,
     help_text = meta["help"]
     if meta.get("choices"):
         help_text += f" One of: {', '.join(map(str, meta['choices']))}."
+    if limits_text(f):  # checked by the config, so the CLI, YAML and Python share one message
+        help_text += f" [{limits_text(f)}]"
     info: dict[str, Any] = {"help": help_text, "rich_help_panel": panel,
                             "show_default": _shown(default)}
     if meta.get("metavar"):
@@ -124,9 +126,6 @@ def _parameter(f: dataclasses.Field, annotation: Any, default: Any, panel: str,
         decls, cli_type = (flag,), list[str] | None
     else:
         decls, cli_type = (flag,), kind | None
-        for bound in ("min", "max"):
-            if meta.get(bound) is not None and kind in (int, float):
-                info[bound] = kind(meta[bound])
     option = typer.Option(*decls, **info)
     return inspect.Parameter(_param(f, prefix), inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[cli_type, option])

@@ -8,13 +8,14 @@ from typing import ClassVar, TypeVar
 
 import yaml
 
-from prefprune.config import Settings, setting
+from prefprune.config import Settings, limits_text, setting
 from prefprune.data import default_expert_validation_path
 from prefprune.data.options import DataOptions
 from prefprune.ensemble import SUFFIX, EnsembleConfig, ensembled
 from prefprune.errors import ConfigError, ExperimentConfigError
 from prefprune.influence.config import ENGINE_SCORES, InfluenceConfig
 from prefprune.model.config import RewardModelConfig
+from prefprune.pruning import PruneConfig
 from prefprune.training import TrainConfig
 
 #: Scores an experiment ranks pairs by unless told otherwise (docs/method.md, section 4).
@@ -126,8 +127,9 @@ class ExperimentConfig(RunConfig):
         default_factory=lambda: InfluenceConfig(scores=DEFAULT_METHODS), cli=False,
         help="Scoring settings; influence.scores are computed for every replicate.")
     fractions: tuple[float, ...] = setting(
-        (0.05, 0.1, 0.2), above=0.0, max=0.99, metavar="F,...",
-        help="Comma-separated shares to remove per method.")
+        (0.05, 0.1, 0.2), metavar="F,...",
+        help="Comma-separated shares to remove per method (each as prune's --fraction: "
+             f"{limits_text(PruneConfig.fields_help()['fraction'])}).")
     seeds: tuple[int, ...] = setting((0, 1, 2), metavar="S,...",
                                      help="Comma-separated replicate seeds.")
     helpful: bool = setting(True, help="Also remove the most helpful pairs.")
@@ -158,6 +160,8 @@ class ExperimentConfig(RunConfig):
             raise ConfigError("seeds", f"lists a seed twice: {list(self.seeds)}")
         if not self.fractions:
             raise ConfigError("fractions", "must list at least one fraction")
+        for i, fraction in enumerate(self.fractions):
+            PruneConfig.check_value("fraction", fraction, called=f"fractions[{i}]")
         for name in ("prune_by", "helpful_by", "relabel_by"):
             unknown = sorted(set(getattr(self, name) or ()) - set(self.score_columns()))
             if unknown:

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-#: (direction, action) of every comparison an experiment can make.
-SHAPES = (("harmful", "remove"), ("helpful", "remove"), ("harmful", "relabel"))
+from prefprune.pruning import PruneConfig
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,11 @@ class Arm:
         """The arm without its seed: what is compared across seeds."""
         return (self.method, self.fraction, self.direction, self.action)
 
-    def at_seed(self, seed: int) -> Arm:
-        return replace(self, seed=seed)
+    def prune_config(self) -> PruneConfig:
+        """The pairs this arm acts on, as ``prefprune prune`` would select them."""
+        assert self.method is not None, "the baseline prunes nothing"
+        return PruneConfig(by=self.method, fraction=self.fraction, direction=self.direction,
+                           relabel=self.action == "relabel")
 
     def with_method(self, method: str | None) -> Arm:
         return replace(self, method=method) if method else Arm(self.seed)

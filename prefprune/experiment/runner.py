@@ -33,8 +33,9 @@ from prefprune.experiment.stats import summarise
 from prefprune.files import (
     write_json_atomic,
 )
-from prefprune.influence.results import sidecar_of
+from prefprune.influence.results import score_table_entries, sidecar_of
 from prefprune.model import FrozenLayerCache, RewardModel
+from prefprune.model.reward_model import MODEL_FILES
 from prefprune.pipeline import (
     PreparedData,
     data_summary,
@@ -48,8 +49,12 @@ from prefprune.scoring import score_training_pairs
 from prefprune.training import evaluate, train_reward_model
 
 RESULTS_FILE = "results.json"
-#: What an experiment writes into its folder besides its settings (``overwrite`` removes them).
-OWN_ENTRIES = (RESULTS_FILE, "models", "scores", "runs", "figures", "report.md", "report.html")
+#: What an experiment writes into its folder besides its settings (``overwrite`` removes
+#: exactly these): results, report and figures, one record per run, a model folder and a
+#: score table per replicate.
+OWN_ENTRIES = (RESULTS_FILE, "report.md", "report.html", "figures/*.png", "runs/*.json",
+               *(f"models/seed*/{name}" for name in MODEL_FILES),
+               *score_table_entries("scores/seed*"))
 
 
 def arms_of(config: ExperimentConfig, seed: int) -> list[Arm]:
@@ -199,7 +204,7 @@ class Experiment:
         path = self._run_path(arm)
         if path.exists():
             return self._load_record(path)
-        chosen = select(table, arm.method, arm.fraction, arm.direction).ids
+        chosen = select(table, arm.prune_config()).ids
         changed = remove_pairs(train, chosen) if arm.action == "remove" \
             else relabel_pairs(train, chosen)
         flipped = None
