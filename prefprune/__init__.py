@@ -8,7 +8,7 @@ selection → retrain → report:
 >>> outcome = train_and_evaluate(data)                 # LoRA reward model, BT loss
 >>> scores = score_pairs(data, outcome.model)          # IF, flip, gradient similarity, ...
 >>> scores.result.table.nsmallest(10, "rank_if")       # the ten most harmful pairs
->>> prune_source(scores_path, "pairs.jsonl", "pruned/", by="if", fraction=0.1)
+>>> prune_source(scores.result.table, "pairs.jsonl", "pruned/", PruneConfig(fraction=0.1))
 
 ``Experiment(ExperimentConfig(...), "runs/x").run()`` is the whole protocol of
 docs/method.md: train, score, prune per method and fraction, retrain, compare over seeds;
@@ -16,7 +16,7 @@ docs/method.md: train, score, prune per method and fraction, retrain, compare ov
 
 Every score is a harm: larger = more harmful, rank 1 = the most harmful pair. Every setting
 lives in a validated config (``RewardModelConfig``, ``TrainConfig``, ``InfluenceConfig``,
-``ExperimentConfig``); every user-facing error is a ``PrefpruneError``.
+``PruneConfig``, ``ExperimentConfig``); every user-facing error is a ``PrefpruneError``.
 """
 
 from prefprune.data import (
@@ -64,7 +64,7 @@ from prefprune.pipeline import (
     score_pairs,
     train_and_evaluate,
 )
-from prefprune.pruning import inject_flips, prune_source, select
+from prefprune.pruning import PruneConfig, inject_flips, prune_source, select
 from prefprune.report import write_report
 from prefprune.training import EvalResult, TrainConfig, TrainResult, evaluate, train_reward_model
 
@@ -92,6 +92,7 @@ __all__ = [
     "PrefpruneError",
     "PrefpruneWarning",
     "PreparedData",
+    "PruneConfig",
     "RewardModel",
     "RewardModelConfig",
     "ScoreOutcome",

@@ -124,8 +124,8 @@ ENSEMBLE = OptionGroup("ensemble_config", EnsembleConfig, "Ensemble options", pr
 DEVICE = OptionGroup("device_config", TrainConfig, "Model options", only=frozenset({"device"}))
 TRUST = OptionGroup("trust_config", RewardModelConfig, "Model options",
                     only=frozenset({"trust_remote_code"}))
-OVERLAP = OptionGroup("overlap_config", ExperimentConfig, "Validation target options",
-                      only=frozenset({"allow_overlap"}))
+TARGET = OptionGroup("target_config", ExperimentConfig, "Validation target options",
+                     only=frozenset({"validation", "allow_overlap"}))
 DEMO = OptionGroup("demo_values", ExperimentConfig, "Demo options", only=frozenset({"seeds"}),
                    defaults=demo_config())
 PRUNE = OptionGroup("prune_config", PruneConfig, "Pruning options")
@@ -144,14 +144,6 @@ OverwriteFlag = Annotated[bool, typer.Option(
 DataArg = Annotated[str | None, typer.Argument(
     help="Preference data: a file (.jsonl, .jsonl.gz, .json, .csv, .parquet), a saved dataset "
          "directory or a hub dataset name. Omitted: the embedded synthetic set.")]
-ValidationArg = Annotated[str | None, typer.Option(
-    help="A separate validation source (any layout prefprune reads, with its own "
-         "--validation-* options) used as the influence target instead of DATA's validation "
-         "split: e.g. a small expert-labelled set.", rich_help_panel="Validation target options")]
-TestArg = Annotated[str | None, typer.Option(
-    help="A separate test source (its own --test-* options) instead of DATA's test split.",
-    rich_help_panel="Test set options")]
-
 
 def _data(values: dict[str, Any]) -> DataOptions:
     return DATA.build(values)  # type: ignore[return-value]
@@ -259,19 +251,18 @@ def evaluate_command(
 
 
 @app.command("score")
-@with_options(DATA, VALIDATION, OVERLAP, MODEL, TRAIN, INFLUENCE, ENSEMBLE)
+@with_options(DATA, VALIDATION, TARGET, MODEL, TRAIN, INFLUENCE, ENSEMBLE)
 def score_command(
     output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
                                               "with the run's metadata is written beside it.")],
     data_options: dict[str, Any],
     validation_options: dict[str, Any],
-    overlap_config: dict[str, Any],
+    target_config: dict[str, Any],
     model_config: dict[str, Any],
     train_config: dict[str, Any],
     influence_config: dict[str, Any],
     ensemble_config: dict[str, Any],
     data: DataArg = None,
-    validation: ValidationArg = None,
     model: Annotated[Path | None, typer.Option(
         help="A trained reward model directory. Omitted: train one first with the model and "
              "training options.")] = None,
@@ -293,10 +284,11 @@ def score_command(
     model_settings = MODEL.build(model_config)
     reader = rendering_of(model if model is not None else model_settings,
                           trust_remote_code=model_settings.trust_remote_code)
+    target = TARGET.build(target_config)
     prepared = prepare_data(data, seed=seed, options=_data(data_options), rendering=reader,
-                            validation=validation,
+                            validation=target.validation,
                             validation_options=VALIDATION.build(validation_options),
-                            allow_overlap=OVERLAP.build(overlap_config).allow_overlap)
+                            allow_overlap=target.allow_overlap)
     outcome = score_pairs(prepared, model, influence, model_config=model_settings,
                           train_config=None if model is not None else train,
                           ensemble=ENSEMBLE.build(ensemble_config),
@@ -363,12 +355,13 @@ _RUN_SECTIONS = {"data_options": DATA, "validation_options": VALIDATION, "test_o
 
 
 def run_config(top: OptionGroup, influence: OptionGroup, config: Path | None,
-               sources: dict[str, str | None], values: dict[str, dict[str, Any]]) -> Any:
+               data: str | None, values: dict[str, dict[str, Any]]) -> Any:
     """An experiment's or validation's settings: the YAML file (when given, else the
-    defaults) with the typed flags on top, section by section."""
+    defaults) with DATA and the typed flags on top, section by section."""
     base = top.settings.from_yaml(config) if config is not None else top.base
     typed: dict[str, Any] = top.typed(values[top.name])
-    typed.update({name: path for name, path in sources.items() if path is not None})
+    if data is not None:
+        typed["data"] = data
     for section, group in {**_RUN_SECTIONS, "influence": influence}.items():
         typed[section] = apply(getattr(base, section), group.typed(values[group.name]),
                                group.prefix)
@@ -387,11 +380,9 @@ def run_command(top: OptionGroup, influence: OptionGroup, output_help: str,
     quiet)``: ``experiment`` and ``validate`` share it."""
 
     def command(output: Path, options: dict[str, dict[str, Any]], data: DataArg = None,
-                validation: ValidationArg = None, test: TestArg = None,
                 config: ConfigArg = None, overwrite: OverwriteFlag = False,
                 json_output: JsonFlag = False, quiet: QuietFlag = False) -> None:
-        settings = run_config(top, influence, config,
-                              {"data": data, "validation": validation, "test": test}, options)
+        settings = run_config(top, influence, config, data, options)
         _device(settings.train.device)
         execute(settings, output, overwrite, json_output, quiet)
 

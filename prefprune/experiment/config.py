@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -37,12 +38,14 @@ class RunConfig(Settings):
     data_options: DataOptions = setting(default_factory=DataOptions, cli=False,
                                         help="How to read the data.")
     validation: str | None = setting(
-        None, cli=False, help="A separate validation source: the influence target (e.g. a "
-                              "small expert-labelled set). Default: the data's validation split.")
+        None, help="A separate validation source (any layout prefprune reads, with its own "
+                   "--validation-* options) used as the influence target instead of DATA's "
+                   "validation split: e.g. a small expert-labelled set.")
     validation_options: DataOptions = setting(default_factory=DataOptions, cli=False,
                                               help="How to read the validation source.")
-    test: str | None = setting(None, cli=False, help="A separate test source: what every "
-                                                     "retrain is measured on.")
+    test: str | None = setting(None, help="A separate test source (its own --test-* options) "
+                                          "instead of DATA's test split: what every model is "
+                                          "measured on.")
     test_options: DataOptions = setting(default_factory=DataOptions, cli=False,
                                         help="How to read the test source.")
     allow_overlap: bool = setting(False, help="Use a validation or test source even if it "
@@ -64,12 +67,37 @@ class RunConfig(Settings):
     #: Settings that only choose which runs are made, not what any saved model, score table
     #: or run record holds: a run may resume with them changed (more seeds, fewer methods).
     plan_fields: ClassVar[frozenset[str]] = frozenset()
+    #: Nested settings the run sets itself from its own seed(s): a file or a caller that set
+    #: them would be silently overruled, so they are refused, and never saved.
+    run_owned: ClassVar[tuple[tuple[str, str], ...]] = (("train", "seed"), ("influence", "seed"))
+
+    @classmethod
+    def from_dict(cls: type[R], data: Mapping[str, Any] | None, **fixed: Any) -> R:
+        for section, key in cls.run_owned:
+            if isinstance((data or {}).get(section), Mapping) and key in data[section]:
+                raise cls.error(f"{section}.{key}", cls._owned_problem())
+        return super().from_dict(data, **fixed)
+
+    @classmethod
+    def _owned_problem(cls) -> str:
+        return ("is set for each run from the run's own seed (seeds, or seed for validate); "
+                "remove it")
+
+    def _plain_fields(self, *, identity: bool) -> dict[str, Any]:
+        out = super()._plain_fields(identity=identity)
+        for section, key in self.run_owned:
+            out[section].pop(key, None)
+        return out
 
     def run_identity(self) -> dict[str, object]:
         """What every saved model, score table and run record of this run depends on."""
         return {k: v for k, v in self.identity().items() if k not in self.plan_fields}
 
     def validate(self) -> None:
+        for section, key in self.run_owned:
+            nested = getattr(self, section)
+            if getattr(nested, key) != type(nested).fields_help()[key].default:
+                raise ConfigError(f"{section}.{key}", self._owned_problem())
         if abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
 

@@ -312,8 +312,10 @@ class _Engine:
         G has rank at most min(pairs, P): with far fewer pairs than LoRA parameters the plain
         mean eigenvalue trace/P is dominated by zeros, and a λ relative to it leaves CG an
         ill-conditioned system (on HH with MiniLM it had not converged after 500 iterations;
-        relative to trace/rank it converges in ~125).
+        relative to trace/rank it converges in ~125). Resolved once per run (λ = 0 included).
         """
+        if "damping" in self.meta:
+            return self.meta["damping"]
         weights = gauss_newton_weights(stats["margins"].double())
         trace = float((weights * stats["norms2"]).sum() / self.n)
         scale = trace / min(len(self._curvature_rows()), self.dim)
@@ -449,7 +451,7 @@ class _Engine:
                                            self.config.scores, self._column)
 
     def _self_influence(self, stats: dict[str, torch.Tensor]) -> np.ndarray:
-        damping = self.meta.get("damping") or self._damping(stats)
+        damping = self._damping(stats)
         return formulas.self_influence(self.local["margins"], self.local["margin_grads"],
                                        stats["margins"], damping, sharded=self.sharded)
 
