@@ -21,8 +21,8 @@ import yaml
 from helpers import FIXTURES, assert_one_error_line, pairs, run_cli
 
 from prefprune.data import generate_synthetic, load_preferences
+from prefprune.document import Code, Section, render_markdown
 from prefprune.errors import DataError
-from prefprune.report import Code, Section, render_markdown
 
 TINY = ("--max-length", "48", "--lora-layers", "1", "--epochs", "1", "--batch-size", "8")
 
