@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,20 @@ import typer
 from helpers import FIXTURES, WIDE, assert_one_error_line, run_cli
 from typer.main import get_command
 
+from prefprune import (
+    DataOptions,
+    EnsembleConfig,
+    ExperimentConfig,
+    InfluenceConfig,
+    PruneConfig,
+    RewardModelConfig,
+    TrainConfig,
+    ValidateConfig,
+    demo_config,
+)
 from prefprune.cli import app
 from prefprune.cli.commands import DATA, TRAIN
+from prefprune.cli.options import _shown
 from prefprune.data import generate_synthetic
 
 run = run_cli
@@ -110,6 +123,48 @@ def test_help_mentions_every_option(path, command):
                 assert flag in result.stdout, f"{flag} missing from '{' '.join(path)} --help'"
 
 
+def test_every_setting_flag_is_generated_with_the_library_default():
+    """A flag named like a setting is generated from that setting's field (help, limits and
+    the default the library uses for this command), never written again by hand."""
+    classes = (DataOptions, RewardModelConfig, TrainConfig, InfluenceConfig, EnsembleConfig,
+               ExperimentConfig, ValidateConfig, PruneConfig)
+    runs = {"experiment": ExperimentConfig(), "validate": ValidateConfig(),
+            "demo": demo_config()}
+    # evaluate's --seed picks the split; its default is the seed the saved model records
+    own_flags = {("evaluate", "seed")}
+
+    def library_default(command, cls, name):
+        run = runs.get(command)
+        nested = [run] + [getattr(run, f.name) for f in dataclasses.fields(run)] if run else []
+        for value in nested:
+            if isinstance(value, cls):
+                return getattr(value, name)
+        return getattr(cls(), name)
+
+    checked = 0
+    for path, click_command in COMMANDS:
+        command = " ".join(path)
+        for param in click_command.params:
+            if not type(param).__name__.endswith("Option"):
+                continue
+            name = param.name.removeprefix("validation_").removeprefix("test_") \
+                .removeprefix("ensemble_")
+            name = "columns" if name == "column" else name
+            owners = [cls for cls in classes if name in cls.fields_help()
+                      and (param.help or "").startswith(cls.fields_help()[name].metadata["help"])]
+            if not owners:
+                named_like = [cls.__name__ for cls in classes if name in cls.fields_help()
+                              and cls.fields_help()[name].metadata["cli"]]
+                assert not named_like or (command, param.name) in own_flags, \
+                    f"{command} --{param.name} repeats a field of {named_like} by hand"
+                continue
+            assert param.default is None, f"{command} --{param.name}"
+            expected = _shown(library_default(command, owners[0], name))
+            assert param.show_default == expected, (command, param.name)
+            checked += 1
+    assert checked > 100
+
+
 def test_column_flags_build_the_mapping():
     typed = DATA.typed({"column": ["prompt=question", " chosen = good "]})
     assert typed["columns"] == {"prompt": "question", "chosen": "good"}
@@ -205,7 +260,7 @@ def test_experiment_reads_yaml_and_typed_flags_win(tmp_path, tiny_bert):
 
 def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
     from prefprune import pipeline
-    from prefprune.cli import commands
+    from prefprune.cli import runs
     from prefprune.data import expert_validation
     from prefprune.experiment import config, demo_config
     from prefprune.model import RewardModelConfig
@@ -215,7 +270,7 @@ def test_demo_prints_the_headline_table(monkeypatch, tmp_path, tiny_bert):
     expert = expert_validation(data, tmp_path / "expert.jsonl")
     monkeypatch.setattr(pipeline, "default_dataset_path", lambda: data)
     monkeypatch.setattr(config, "default_expert_validation_path", lambda: expert)
-    monkeypatch.setattr(commands, "demo_config", lambda seeds=(0, 1, 2): demo_config(
+    monkeypatch.setattr(runs, "demo_config", lambda seeds=(0, 1, 2): demo_config(
         seeds, RewardModelConfig(backbone=str(tiny_bert), max_length=48, lora_layers=1),
         TrainConfig(epochs=1, batch_size=8, learning_rate=0.01)))
     result = run("demo", "--output", tmp_path / "demo", "--quiet", "--seeds", "0,1")

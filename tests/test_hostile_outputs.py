@@ -7,7 +7,6 @@ the test names follow the issue that collected these probes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -15,23 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import typer
 from helpers import assert_one_error_line, pairs, run_cli
 
-from prefprune import (
-    DataOptions,
-    EnsembleConfig,
-    ExperimentConfig,
-    InfluenceConfig,
-    RewardModel,
-    RewardModelConfig,
-    TrainConfig,
-    ValidateConfig,
-    demo_config,
-)
-from prefprune.cli.commands import app
-from prefprune.cli.options import _shown
-from prefprune.pruning import PruneConfig
+from prefprune import RewardModel
 
 TINY = ("--max-length", "48", "--lora-layers", "1", "--epochs", "1", "--batch-size", "8")
 
@@ -156,60 +141,4 @@ def test_21_a_run_refuses_the_seeds_it_sets_itself(section, data, tmp_path):
                                              tmp_path / command), 1)
         assert f"{section}.seed" in line and "remove it" in line
     assert not (tmp_path / "experiment").exists() and not (tmp_path / "validate").exists()
-
-
-def _commands():
-    """Every leaf command of the CLI with its space-separated path."""
-    root = typer.main.get_command(app)
-
-    def walk(command, path):
-        if hasattr(command, "list_commands"):
-            ctx = type(root).context_class(command)
-            for name in command.list_commands(ctx):
-                yield from walk(command.get_command(ctx, name), (*path, name))
-        else:
-            yield " ".join(path), command
-
-    return list(walk(root, ()))
-
-
-def test_22_every_setting_flag_is_generated_with_the_library_default():
-    """A flag named like a setting is generated from that setting's field (help, limits and
-    the default the library uses for this command), never written again by hand."""
-    classes = (DataOptions, RewardModelConfig, TrainConfig, InfluenceConfig, EnsembleConfig,
-               ExperimentConfig, ValidateConfig, PruneConfig)
-    runs = {"experiment": ExperimentConfig(), "validate": ValidateConfig(),
-            "demo": demo_config()}
-    # evaluate's --seed picks the split; its default is the seed the saved model records
-    own_flags = {("evaluate", "seed")}
-
-    def library_default(command, cls, name):
-        run = runs.get(command)
-        nested = [run] + [getattr(run, f.name) for f in dataclasses.fields(run)] if run else []
-        for value in nested:
-            if isinstance(value, cls):
-                return getattr(value, name)
-        return getattr(cls(), name)
-
-    checked = 0
-    for command, click_command in _commands():
-        for param in click_command.params:
-            if not type(param).__name__.endswith("Option"):
-                continue
-            name = param.name.removeprefix("validation_").removeprefix("test_") \
-                .removeprefix("ensemble_")
-            name = "columns" if name == "column" else name
-            owners = [cls for cls in classes if name in cls.fields_help()
-                      and (param.help or "").startswith(cls.fields_help()[name].metadata["help"])]
-            if not owners:
-                named_like = [cls.__name__ for cls in classes if name in cls.fields_help()
-                              and cls.fields_help()[name].metadata["cli"]]
-                assert not named_like or (command, param.name) in own_flags, \
-                    f"{command} --{param.name} repeats a field of {named_like} by hand"
-                continue
-            assert param.default is None, f"{command} --{param.name}"
-            expected = _shown(library_default(command, owners[0], name))
-            assert param.show_default == expected, (command, param.name)
-            checked += 1
-    assert checked > 100
 

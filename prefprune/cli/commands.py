@@ -8,11 +8,8 @@ warnings print as one yellow ``warning:`` line.
 
 from __future__ import annotations
 
-import inspect
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -28,9 +25,7 @@ from prefprune.cli.render import fail, print_json, stdout
 from prefprune.data import DataOptions, load_preferences, rendering_for
 from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
-from prefprune.experiment import Experiment, ExperimentConfig, demo_config
-from prefprune.experiment.config import ValidateConfig
-from prefprune.experiment.validation import VALIDATE_FILE, Validation
+from prefprune.experiment import ExperimentConfig
 from prefprune.influence import InfluenceConfig
 from prefprune.model import PairEncoder, RewardModelConfig
 from prefprune.model.loading import default_backbone, load_tokenizer
@@ -45,7 +40,6 @@ from prefprune.pipeline import (
     train_and_evaluate,
 )
 from prefprune.pruning import PruneConfig, prune_source
-from prefprune.report import write_report
 from prefprune.training import TrainConfig, resolve_device
 
 #: Exceptions that mean "the input, a setting or a file is wrong", not "prefprune has a bug".
@@ -100,40 +94,22 @@ app.add_typer(data_app, name="data")
 # --- option groups and common flags --------------------------------------------------------------
 
 DATA = OptionGroup("data_options", DataOptions, "Data options")
-_HELD_OUT_FIELDS = frozenset({"format", "columns", "hub_config", "hub_split", "hub"})
+HELD_OUT_FIELDS = frozenset({"format", "columns", "hub_config", "hub_split", "hub"})
 VALIDATION = OptionGroup("validation_options", DataOptions, "Validation target options",
-                         only=_HELD_OUT_FIELDS, prefix="validation")
-TEST = OptionGroup("test_options", DataOptions, "Test set options", only=_HELD_OUT_FIELDS,
-                   prefix="test")
+                         only=HELD_OUT_FIELDS, prefix="validation")
 MODEL = OptionGroup("model_config", RewardModelConfig, "Model options")
 TOKENIZER = OptionGroup("model_config", RewardModelConfig, "Model options",
                         only=frozenset({"backbone", "max_length", "trust_remote_code"}))
 TRAIN = OptionGroup("train_config", TrainConfig, "Training options")
 INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
                         exclude=frozenset({"seed"}))
-_EXPERIMENT_DEFAULTS = ExperimentConfig()
-EXPERIMENT = OptionGroup("run_values", ExperimentConfig, "Experiment options",
-                         defaults=_EXPERIMENT_DEFAULTS)
-_VALIDATE_DEFAULTS = ValidateConfig()
-VALIDATE = OptionGroup("run_values", ValidateConfig, "Validation options",
-                       defaults=_VALIDATE_DEFAULTS)
-VALIDATE_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
-                                 exclude=frozenset({"seed"}),
-                                 defaults=_VALIDATE_DEFAULTS.influence)
 ENSEMBLE = OptionGroup("ensemble_config", EnsembleConfig, "Ensemble options", prefix="ensemble")
 DEVICE = OptionGroup("device_config", TrainConfig, "Model options", only=frozenset({"device"}))
 TRUST = OptionGroup("trust_config", RewardModelConfig, "Model options",
                     only=frozenset({"trust_remote_code"}))
 TARGET = OptionGroup("target_config", ExperimentConfig, "Validation target options",
                      only=frozenset({"validation", "allow_overlap"}))
-DEMO = OptionGroup("demo_values", ExperimentConfig, "Demo options", only=frozenset({"seeds"}),
-                   defaults=demo_config())
 PRUNE = OptionGroup("prune_config", PruneConfig, "Pruning options")
-EXPERIMENT_TRAIN = OptionGroup("train_config", TrainConfig, "Training options",
-                               exclude=frozenset({"seed"}))
-EXPERIMENT_INFLUENCE = OptionGroup("influence_config", InfluenceConfig, "Influence options",
-                                   exclude=frozenset({"seed"}),
-                                   defaults=_EXPERIMENT_DEFAULTS.influence)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
                                                        "of tables.")]
@@ -149,7 +125,7 @@ def _data(values: dict[str, Any]) -> DataOptions:
     return DATA.build(values)  # type: ignore[return-value]
 
 
-def _device(name: str) -> str:
+def check_device(name: str) -> str:
     """A device this torch can use, or a usage error before any work starts."""
     try:
         resolve_device(name)
@@ -202,7 +178,7 @@ def train_command(
 ) -> None:
     """Train a LoRA reward model on DATA's train split and evaluate it on the held-out splits."""
     train = TRAIN.build(train_config)
-    _device(train.device)
+    check_device(train.device)
     model = MODEL.build(model_config)
     prepared = prepare_data(data, seed=train.seed, options=_data(data_options),
                             rendering=rendering_of(model))
@@ -234,7 +210,7 @@ def evaluate_command(
     quiet: QuietFlag = False,
 ) -> None:
     """Evaluate a saved reward model on a split of DATA: accuracy, loss, margin statistics."""
-    device = _device(DEVICE.build(device_config).device)
+    device = check_device(DEVICE.build(device_config).device)
     trust_remote_code = TRUST.build(trust_config).trust_remote_code
     split_seed = recorded_seed(model) if seed is None else seed
     prepared = prepare_data(data, seed=split_seed, options=_data(data_options),
@@ -278,7 +254,7 @@ def score_command(
     """Score every training pair: how removing (or flipping) it would change validation loss.
     The random score and any subsampling are seeded by --seed."""
     train = TRAIN.build(train_config)
-    _device(train.device)
+    check_device(train.device)
     seed = recorded_seed(model) if model is not None else train.seed
     influence = apply(INFLUENCE.build(influence_config), {"seed": seed})
     model_settings = MODEL.build(model_config)
@@ -347,125 +323,6 @@ def prune_command(
     for rank, (pid, value) in enumerate(result.selected_scores()[:top], start=1):
         affected.add_row(str(rank), escape(pid), f"{value:.4g}")
     stdout.print(affected)
-
-
-#: The sections of a run's settings and the option groups their flags come from.
-_RUN_SECTIONS = {"data_options": DATA, "validation_options": VALIDATION, "test_options": TEST,
-                 "model": MODEL, "train": EXPERIMENT_TRAIN, "ensemble": ENSEMBLE}
-
-
-def run_config(top: OptionGroup, influence: OptionGroup, config: Path | None,
-               data: str | None, values: dict[str, dict[str, Any]]) -> Any:
-    """An experiment's or validation's settings: the YAML file (when given, else the
-    defaults) with DATA and the typed flags on top, section by section."""
-    base = top.settings.from_yaml(config) if config is not None else top.base
-    typed: dict[str, Any] = top.typed(values[top.name])
-    if data is not None:
-        typed["data"] = data
-    for section, group in {**_RUN_SECTIONS, "influence": influence}.items():
-        typed[section] = apply(getattr(base, section), group.typed(values[group.name]),
-                               group.prefix)
-    return apply(base, typed)
-
-
-ConfigArg = Annotated[Path | None, typer.Option(
-    help="YAML settings (e.g. a saved config.yaml); flags typed here override them.",
-    exists=True, dir_okay=False)]
-
-
-def run_command(top: OptionGroup, influence: OptionGroup, output_help: str,
-                execute: Callable[[Any, Path, bool, bool, bool], None]) -> Callable[..., None]:
-    """A command that builds a run's settings from a ``--config`` file and flags (the option
-    groups of every section) and hands them to ``execute(settings, output, overwrite, json,
-    quiet)``: ``experiment`` and ``validate`` share it."""
-
-    def command(output: Path, options: dict[str, dict[str, Any]], data: DataArg = None,
-                config: ConfigArg = None, overwrite: OverwriteFlag = False,
-                json_output: JsonFlag = False, quiet: QuietFlag = False) -> None:
-        settings = run_config(top, influence, config, data, options)
-        _device(settings.train.device)
-        execute(settings, output, overwrite, json_output, quiet)
-
-    signature = inspect.signature(command, eval_str=True)
-    command.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
-        p.replace(annotation=Annotated[Path, typer.Option(help=output_help)])
-        if p.name == "output" else p for p in signature.parameters.values()])
-    groups = (*_RUN_SECTIONS.values(), influence, top)
-    return with_options(*groups, into="options")(command)
-
-
-def _experiment(settings: ExperimentConfig, output: Path, overwrite: bool, json_output: bool,
-                quiet: bool) -> None:
-    result = Experiment(settings, output, progress=not quiet, overwrite=overwrite,
-                        on_run=None if quiet or json_output else _print_run).run()
-    paths = write_report(result, output)
-    if json_output:
-        print_json({"results": str(output / "results.json"),
-                    **{k: str(v) for k, v in paths.items()}, "summary": result.summary})
-        return
-    render.print_headline(result)
-    stdout.print(f"wrote {escape(str(output / 'results.json'))}, "
-                 f"{escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
-
-
-def _validate(settings: ValidateConfig, output: Path, overwrite: bool, json_output: bool,
-              quiet: bool) -> None:
-    result = Validation(settings, output, progress=not quiet, overwrite=overwrite).run()
-    if json_output:
-        print_json({"validate": str(output / VALIDATE_FILE), **result.to_dict()})
-        return
-    render.print_validation(result)
-    stdout.print(f"wrote {escape(str(output / VALIDATE_FILE))}")
-
-
-app.command("experiment", help=(
-    "Train, score, prune the top-f pairs per method, retrain and compare, over several seeds; "
-    "write results.json, report.md and report.html."))(run_command(
-        EXPERIMENT, EXPERIMENT_INFLUENCE, "Folder for config.yaml, models, scores, runs, "
-        "results.json and the report; rerun to resume.", _experiment))
-app.command("validate", help=(
-    "Which score to trust on DATA: the linear datamodeling score (retrain on random subsets, "
-    "correlate each score's predicted loss changes with the actual ones) and flip calibration "
-    "(find labels flipped on purpose in a copy of DATA)."))(run_command(
-        VALIDATE, VALIDATE_INFLUENCE, "Folder for config.yaml, models, scores, the subset runs "
-        "and validate.json; rerun to resume.", _validate))
-
-
-def _print_run(record: Any) -> None:
-    stdout.print(f"  {record.arm.key}: test accuracy {record.test_accuracy:.4f} "
-                 f"({record.train_pairs} pairs, {record.seconds:.0f} s)")
-
-
-@app.command("demo")
-@with_options(DEMO)
-def demo_command(
-    demo_values: dict[str, Any],
-    output: Annotated[Path | None, typer.Option(
-        help="Keep the experiment (models, scores, results.json, report) in this new folder.")
-    ] = None,
-    overwrite: OverwriteFlag = False,
-    json_output: JsonFlag = False,
-    quiet: QuietFlag = False,
-) -> None:
-    """A small pruning experiment on the embedded synthetic set, scored against its
-    expert-labelled validation pairs: train, score, remove the top 10% by IF, gradient cosine,
-    loss and random, retrain, over three seeds, and print the headline table."""
-    config = DEMO.build(demo_values, base=demo_config())
-    with tempfile.TemporaryDirectory(prefix="prefprune-demo-") as scratch:
-        where = output or Path(scratch) / "demo"
-        result = Experiment(config, where, progress=not quiet,
-                            overwrite=overwrite).run()
-        paths = write_report(result, where) if output is not None else {}
-    if json_output:
-        print_json({"summary": result.summary, "data": result.data,
-                    "seconds": result.seconds, **{k: str(v) for k, v in paths.items()}})
-        return
-    stdout.print(f"{escape(result.data['source'])}: read {result.data['read']} = kept "
-                 f"{result.data['kept']} + skipped {result.data['skipped']}; "
-                 + " / ".join(f"{k} {v}" for k, v in result.data["sizes"].items()))
-    render.print_headline(result)
-    if paths:
-        stdout.print(f"wrote {escape(str(paths['markdown']))} and {escape(str(paths['html']))}")
 
 
 def main() -> None:
