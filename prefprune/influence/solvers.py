@@ -25,6 +25,10 @@ from typing import Literal
 import torch
 
 from ..errors import NegativeCurvatureError
+from .config import InfluenceConfig
+
+#: The solvers' stopping rules default to the settings' own (one declaration, in the config).
+_DEFAULTS = InfluenceConfig()
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[int, float], None]
@@ -165,8 +169,8 @@ def solve_cg(
     rhs: torch.Tensor,
     *,
     damping: float,
-    tol: float = 1e-6,
-    max_iter: int = 100,
+    tol: float = _DEFAULTS.tol,
+    max_iter: int = _DEFAULTS.max_iter,
     on_negative_curvature: NegativeCurvaturePolicy = "stop",
     callback: Callback | None = None,
 ) -> SolverResult:
@@ -241,8 +245,8 @@ def solve_lissa(
     *,
     damping: float,
     scale: float | None = None,
-    depth: int = 1000,
-    tol: float = 1e-6,
+    depth: int = _DEFAULTS.lissa_depth,
+    tol: float = _DEFAULTS.tol,
     callback: Callback | None = None,
 ) -> SolverResult:
     """LiSSA: ``x_{t+1} = b + (I − A/scale) x_t`` with ``A = H + λI``; solution ``x/scale``.
