@@ -128,7 +128,9 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
     return Section("Pruning experiment", text=[
         ("Data: ", Code(data["source"]), f" ({data['format']}): read {data['read']} = kept "
          f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
-         f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs."),
+         f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs"
+         + (f" (seed {cfg.seeds[0]}'s split; every replicate draws its own, so the "
+            "intervals include the variance between splits)." if cfg.split_per_seed else ".")),
         *_truncation_lines(data),
         *_held_out_lines(data),
         f"Model: {model.backbone or 'all-MiniLM-L6-v2 (default)'}, LoRA r={model.lora_r}"

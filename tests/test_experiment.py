@@ -9,6 +9,7 @@ import re
 import shutil
 
 import pytest
+from helpers import pairs
 from scipy import stats
 
 from prefprune.data import generate_synthetic
@@ -238,3 +239,31 @@ def test_report_renders_in_headless_chromium(tiny_experiment, tmp_path):
     assert blue.sum() > 2000 and orange.sum() > 500
     rows_with_plot = np.flatnonzero(blue.any(axis=1))
     assert rows_with_plot.max() - rows_with_plot.min() > 1000  # several figures down the page
+
+
+def test_split_per_seed_gives_each_replicate_its_own_split(tiny_bert, tmp_path):
+    """With split_per_seed every replicate trains and tests on a split of its own (the
+    intervals then include split variance); a new seed resumes, adding its split."""
+    data = tmp_path / "pairs.jsonl"
+    rows = pairs(60, 4, "s").remove_columns(["id", "worker", "confidence"])
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = ExperimentConfig(
+        data=str(data), fractions=(0.2,), seeds=(0, 1), split_per_seed=True, helpful=False,
+        relabel=False, model=RewardModelConfig(backbone=str(tiny_bert), max_length=48),
+        train=TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2),
+        influence=InfluenceConfig(scores=("loss", "random")))
+    out = tmp_path / "out"
+    result = Experiment(config, out, progress=False).run()
+    trained_on = {r.arm.seed: r.train_fingerprint for r in result.runs if r.arm.method is None}
+    assert trained_on[0] != trained_on[1]
+    assert set(result.data["sizes_per_seed"]) == {"0", "1"}
+    state = json.loads((out / "state.json").read_text())["fingerprints"]
+    assert {"seed0/train", "seed1/test", "source"} <= set(state)
+    fitted: list[RunRecord] = []
+    Experiment(config.replace(seeds=(0, 1, 2)), out, progress=False,
+               on_run=fitted.append).run()
+    assert {r.arm.seed for r in fitted} == {2}
+    assert "seed2/train" in json.loads((out / "state.json").read_text())["fingerprints"]
+    own_splits = generate_synthetic(tmp_path / "syn.jsonl", n_posts=16)
+    with pytest.raises(ExperimentError, match="has its own train/validation/test splits"):
+        Experiment(config.replace(data=str(own_splits)), tmp_path / "x", progress=False).run()

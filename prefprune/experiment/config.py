@@ -160,6 +160,10 @@ class ExperimentConfig(RunConfig):
              f"{limits_text(PruneConfig.fields_help()['fraction'])}).")
     seeds: tuple[int, ...] = setting((0, 1, 2), metavar="S,...",
                                      help="Comma-separated replicate seeds.")
+    split_per_seed: bool = setting(
+        False, help="Draw a new train/validation/test split for every replicate (split seed = "
+                    "split_seed + replicate seed), so that the intervals include the variance "
+                    "between splits, not only between trainings.")
     helpful: bool = setting(True, help="Also remove the most helpful pairs.")
     relabel: bool = setting(True, help="Also flip the top harmful pairs' labels instead of "
                                        "removing them.")
@@ -195,6 +199,11 @@ class ExperimentConfig(RunConfig):
             if unknown:
                 raise ConfigError(name, f"{unknown} would not be computed; the scores are "
                                         f"{', '.join(self.score_columns())}")
+
+    def replicate_split_seed(self, seed: int) -> int:
+        """The split seed of replicate ``seed``: its own with ``split_per_seed``, else the
+        one split every replicate shares."""
+        return self.split_seed + seed if self.split_per_seed else self.split_seed
 
     @property
     def methods(self) -> tuple[str, ...]:

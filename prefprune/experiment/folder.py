@@ -1,11 +1,12 @@
 """The folder of a retraining run (an experiment or a validation): its settings, the data it
 was started on, and what it may replace.
 
-A run writes ``config.yaml`` (every setting) and ``state.json`` (the fingerprint of every
-data split) when it starts. A rerun with the same settings on the same data resumes from the
-models, scores and records saved there; other settings or other data are refused with a
-message saying what changed, because the saved results would silently be stale. With
-``overwrite``, the run's own entries are removed first and it starts afresh.
+A run writes ``config.yaml`` (every setting) and ``state.json`` (the fingerprint of the source
+and of every data split, per replicate when each draws its own) when it starts. A rerun with
+the same settings on the same data resumes from the models, scores and records saved there;
+other settings or other data are refused with a message saying what changed, because the saved
+results would silently be stale. With ``overwrite``, the run's own entries are removed first
+and it starts afresh.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
 
 
-def split_fingerprints(data: PreparedData) -> dict[str, str]:
-    """The fingerprint of every split: what a saved run's results depend on."""
-    return {name: fingerprint(split) for name, split in data.splits.items()}
+def split_fingerprints(data: PreparedData, prefix: str = "") -> dict[str, str]:
+    """The fingerprint of the source and of every split (names prefixed, e.g. ``seed3/``):
+    what a saved run's results depend on."""
+    return {"source": data.source_fingerprint,
+            **{f"{prefix}{name}": fingerprint(split) for name, split in data.splits.items()}}
 
 
 class RunFolder:
@@ -52,13 +55,14 @@ class RunFolder:
         check_folder(self.path, self.kind, resume=True, overwrite=self.overwrite,
                      inputs=[self.config.data, self.config.validation, self.config.test])
 
-    def claim(self, data: PreparedData) -> None:
-        """Start the folder, or check that it holds this very run on this very data.
+    def claim(self, fingerprints: dict[str, str]) -> None:
+        """Start the folder, or check that it holds this very run on this very data
+        (``fingerprints`` from :func:`split_fingerprints`).
 
         Called only after the settings validated and the data loaded, so a bad setting or a
         bad file never leaves a half-made folder behind.
         """
-        state = {"fingerprints": split_fingerprints(data)}
+        state = {"fingerprints": fingerprints}
         if self.overwrite:
             remove_owned(self.path, self.entries)
         claim_folder(self.path, self.kind, resume=True)
@@ -80,19 +84,22 @@ class RunFolder:
         write_json_atomic(state_path, state)
 
     def _check_state(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse to resume on other data: its saved models and runs would be stale."""
+        """Refuse to resume on other data: its saved models and runs would be stale. Splits
+        the folder has not seen yet (a new replicate's) are added to its state."""
         if not path.exists():
             raise ExperimentError(f"{self.path} has no {STATE_FILE}, so its saved runs cannot "
                                   "be matched to the data; pass --overwrite to start afresh")
         saved = json.loads(path.read_text()).get("fingerprints", {})
         now = state["fingerprints"]
-        changed = [f"{name} ({saved.get(name)} -> {value})" for name, value in now.items()
-                   if saved.get(name) != value]
+        changed = [f"{name} ({saved[name]} -> {value})" for name, value in now.items()
+                   if name in saved and saved[name] != value]
         if changed:
             raise ExperimentError(
                 f"{self.path} was started on other data: the split fingerprints changed "
                 f"since ({'; '.join(changed)}). Its saved models and runs would be stale: use "
                 "another --output, or pass --overwrite to start afresh")
+        if now.keys() - saved.keys():
+            write_json_atomic(path, {"fingerprints": {**saved, **now}})
 
 
 def check_splits(data: PreparedData) -> None:

@@ -27,7 +27,7 @@ from prefprune.data import fingerprint
 from prefprune.detection import detection_report
 from prefprune.errors import ExperimentError
 from prefprune.experiment.config import ExperimentConfig
-from prefprune.experiment.folder import RunFolder, check_splits
+from prefprune.experiment.folder import RunFolder, check_splits, split_fingerprints
 from prefprune.experiment.records import Arm, RunRecord
 from prefprune.experiment.stats import summarise
 from prefprune.files import (
@@ -111,16 +111,17 @@ class Experiment:
     def run(self) -> ExperimentResult:
         start = time.perf_counter()
         self.folder.check()
-        data = prepare_data(self.config.data, **self.config.data_kwargs(),
-                            rendering=rendering_of(self.config.model))
-        check_splits(data)
-        self.folder.claim(data)
+        datas = self._prepare()
+        self.folder.claim(self._fingerprints(datas))
         runs, detection, tables, texts, agreement = [], {}, {}, {}, {}
-        summary = data_summary(data)
+        summary = data_summary(datas[self.config.seeds[0]])
+        if self.config.split_per_seed:
+            summary["sizes_per_seed"] = {str(s): datas[s].sizes() for s in self.config.seeds}
         arms = {seed: arms_of(self.config, seed) for seed in self.config.seeds}
         total = sum(len(a) + 1 for a in arms.values())
         with progress_bar("experiment runs", total, self.progress) as advance:
             for seed in self.config.seeds:
+                data = datas[seed]
                 train = self._training_pairs(data, seed)
                 base, model = self._base(seed, train, data)
                 summary.setdefault("truncation", {k: v.to_dict() for k, v in
@@ -143,6 +144,33 @@ class Experiment:
         return result
 
     # --- bookkeeping ---------------------------------------------------------------------
+
+    def _prepare(self) -> dict[int, PreparedData]:
+        """Each replicate's data: one split shared by all, or with ``split_per_seed`` a split
+        of its own (a source with its own splits cannot be split anew, so it is refused)."""
+        rendering = rendering_of(self.config.model)
+        by_split: dict[int, PreparedData] = {}
+        for seed in self.config.seeds:
+            split_seed = self.config.replicate_split_seed(seed)
+            if split_seed not in by_split:
+                by_split[split_seed] = prepare_data(
+                    self.config.data, **{**self.config.data_kwargs(), "seed": split_seed},
+                    rendering=rendering)
+                check_splits(by_split[split_seed])
+        if len(by_split) > 1 and len({d.fingerprint for d in by_split.values()}) == 1:
+            raise ExperimentError(f"{self.config.data or 'the embedded set'} has its own "
+                                  "train/validation/test splits, so split_per_seed cannot draw "
+                                  "a new split per replicate; drop it")
+        return {s: by_split[self.config.replicate_split_seed(s)] for s in self.config.seeds}
+
+    def _fingerprints(self, datas: dict[int, PreparedData]) -> dict[str, str]:
+        """What the folder's saved runs depend on: the shared split, or each replicate's."""
+        if not self.config.split_per_seed:
+            return split_fingerprints(datas[self.config.seeds[0]])
+        out: dict[str, str] = {}
+        for seed, data in datas.items():
+            out.update(split_fingerprints(data, prefix=f"seed{seed}/"))
+        return out
 
     def _training_pairs(self, data: PreparedData, seed: int) -> datasets.Dataset:
         train = data.splits["train"]

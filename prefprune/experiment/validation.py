@@ -36,7 +36,7 @@ import torch
 
 from prefprune.detection import detection_report
 from prefprune.experiment.config import ValidateConfig
-from prefprune.experiment.folder import RunFolder, check_splits
+from prefprune.experiment.folder import RunFolder, check_splits, split_fingerprints
 from prefprune.files import write_json_atomic
 from prefprune.influence import ScoreResult
 from prefprune.influence.results import score_table_entries
@@ -196,7 +196,7 @@ class Validation:
         data = prepare_data(self.config.data, **self.config.data_kwargs(),
                             rendering=rendering_of(self.config.model))
         check_splits(data)
-        self.folder.claim(data)
+        self.folder.claim(split_fingerprints(data))
         costs_path = self.output / COSTS_FILE
         self.costs = json.loads(costs_path.read_text()) if costs_path.exists() else {}
         train = data.splits["train"]
