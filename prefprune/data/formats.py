@@ -34,7 +34,7 @@ from prefprune.data.fields import (
     user_id,
     value_of,
 )
-from prefprune.data.messages import explicit_texts, implicit_texts, is_messages
+from prefprune.data.messages import common_prefix, explicit_texts, implicit_texts, is_messages
 from prefprune.data.pairwise import PAIRWISE_COLUMNS, convert_pairwise
 from prefprune.data.report import RowIssue
 from prefprune.errors import DataError
@@ -171,7 +171,7 @@ def convert_hh(record: dict, context: ReadContext, split: str | None) -> Pair:
     prompt, chosen = split_transcript(text_of(record, keys[0], keys[0]), keys[0])
     other, rejected = split_transcript(text_of(record, keys[1], keys[1]), keys[1])
     if prompt != other:
-        at = next(i for i, (a, b) in enumerate(zip(prompt + "\0", other + "\0")) if a != b)
+        at = common_prefix(prompt, other)
         raise RowIssue("hh_prompt_mismatch", keys[1],
                        f"chosen and rejected transcripts differ before the last turn "
                        f"(first difference at character {at})")
