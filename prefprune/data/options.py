@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from prefprune.config import Settings, setting
 from prefprune.data.formats import CONVERTERS, MAPPABLE
+from prefprune.data.pairwise import label_text
 from prefprune.errors import ConfigError
 
 #: Layouts a source can be read as; ``auto`` detects it from the first record.
@@ -46,6 +47,9 @@ class DataOptions(Settings):
                                              f"mappable ones are {', '.join(MAPPABLE)}")
             if not isinstance(column, str) or not column:
                 raise ConfigError("columns", f"'{canonical}' must map to a column name")
+        if self.label_values and len({label_text(v) for v in self.label_values}) == 1:
+            raise ConfigError("label_values", f"the value meaning A and the one meaning B must "
+                                              f"differ, got {','.join(self.label_values)}")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``load_preferences`` / ``prepare_data``."""

@@ -13,6 +13,7 @@ row, reported with the value.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefprune.data.fields import (
@@ -29,8 +30,21 @@ from prefprune.data.report import RowIssue
 PAIRWISE_COLUMNS = ("response_a", "response_b", "label")
 #: ``label_values`` that read a signed strength by its sign: negative = A, positive = B.
 SIGNED = ("negative", "positive")
-_DEFAULT = ({"0", "a", "model_a"}, {"1", "b", "model_b"})
+#: The default names of A and B, position by position (``a`` is to ``b`` as ``0`` to ``1``).
+_DEFAULT = (("0", "a", "model_a"), ("1", "b", "model_b"))
 _TIES = {"tie", "tie (bothbad)", "both_bad", "bothbad", "both bad", "equal", "0.5"}
+#: A whole number, maybe written with zero decimals as pandas writes a float column to CSV.
+_WHOLE = re.compile(r"([+-]?\d+)(\.0*)?")
+
+
+def label_text(value: Any) -> str:
+    """A label as the text it is compared by: stripped, and a whole number as the integer it
+    is, whether JSON gives it as ``1.0`` or a CSV cell as ``"1.0"``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    whole = _WHOLE.fullmatch(text)
+    return str(int(whole.group(1))) if whole else text
 
 
 def preferred(value: Any, label_values: tuple[str, str] | None, key: str) -> int:
@@ -40,12 +54,11 @@ def preferred(value: Any, label_values: tuple[str, str] | None, key: str) -> int
         raise _unknown(value, label_values, key)
     if label_values == SIGNED:
         return _by_sign(value, key)
-    text = str(value).strip()
-    if isinstance(value, float) and value.is_integer():
-        text = str(int(value))
+    text = label_text(value)
     if label_values is not None:
-        if text in label_values:
-            return label_values.index(text)
+        names = [label_text(v) for v in label_values]
+        if text in names:
+            return names.index(text)
     else:
         for which, names in enumerate(_DEFAULT):
             if text.lower() in names:
@@ -95,17 +108,32 @@ def convert_pairwise(record: dict, context: ReadContext, split: str | None) -> P
 
 
 def flip_label(value: Any, label_values: tuple[str, str] | None) -> Any:
-    """The label value meaning the other answer, in the value's own type and spelling."""
+    """The label value meaning the other answer, in the value's own type and format."""
+    which = preferred(value, label_values, "label")
     if label_values == SIGNED:
-        return -value if isinstance(value, int | float) else str(-float(value))
-    text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-    text = text.strip()
+        return _negated(value)
     if label_values is not None:
-        other = label_values[1 - label_values.index(text)]
-    else:
-        swaps = {"0": "1", "1": "0", "a": "b", "b": "a", "A": "B", "B": "A",
-                 "model_a": "model_b", "model_b": "model_a"}
-        other = swaps[text]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return type(value)(float(other)) if isinstance(value, float) else int(float(other))
-    return other
+        return _spelled_like(value, label_text(label_values[1 - which]))
+    text = label_text(value)
+    other = _DEFAULT[1 - which][_DEFAULT[which].index(text.lower())]
+    return _spelled_like(value, other.upper() if text.isupper() else other)
+
+
+def _negated(value: Any) -> Any:
+    """The opposite strength, spelled like ``value``: 3 -> -3, 2.5 -> -2.5, "3" -> "-3",
+    "-0.5" -> "0.5"."""
+    if isinstance(value, int | float):
+        return -value
+    text = str(value).strip()
+    return text[1:] if text.startswith("-") else "-" + text.removeprefix("+")
+
+
+def _spelled_like(value: Any, other: str) -> Any:
+    """The label ``other`` in the type and format of ``value``: an int stays an int, a float
+    a float, and a whole number written with decimals keeps them ("1.0" -> "0.0")."""
+    if _WHOLE.fullmatch(other) is None:
+        return other
+    if isinstance(value, int | float):
+        return type(value)(int(other))
+    decimals = _WHOLE.fullmatch(str(value).strip())
+    return other + (decimals.group(2) or "") if decimals else other
