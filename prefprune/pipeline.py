@@ -22,6 +22,7 @@ import datasets
 from prefprune import distributed
 from prefprune.checkpoints import CheckpointCapture
 from prefprune.data import (
+    DEFAULT_SPLIT_FRACTIONS,
     PLAIN,
     DataOptions,
     IngestionReport,
@@ -88,7 +89,7 @@ def prepare_data(
     source: str | os.PathLike | None = None,
     *,
     options: DataOptions | None = None,
-    fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
+    fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
     rendering: Rendering | None = None,
     validation: str | os.PathLike | None = None,

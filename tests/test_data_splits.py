@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from prefprune.data import DataError, fingerprint, split_preferences
+from prefprune.data import DEFAULT_SPLIT_FRACTIONS, DataError, fingerprint, split_preferences
 
 
 def _pairs(n: int, prompts: int, split: str | None = None) -> datasets.Dataset:
@@ -26,7 +26,7 @@ def test_grouped_split_keeps_prompts_apart_and_sizes_close() -> None:
     assert not prompts["validation"] & prompts["test"]
     sizes = {name: len(part) for name, part in parts.items()}
     assert sum(sizes.values()) == 400
-    for name, fraction in zip(("train", "validation", "test"), (0.6, 0.15, 0.25)):
+    for name, fraction in zip(("train", "validation", "test"), DEFAULT_SPLIT_FRACTIONS):
         assert abs(sizes[name] - 400 * fraction) <= 3
 
 

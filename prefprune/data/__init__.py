@@ -7,7 +7,7 @@ from prefprune.data.loader import LoadResult, load_preferences
 from prefprune.data.messages import PLAIN, Rendering, rendering_for
 from prefprune.data.options import FORMATS, DataOptions
 from prefprune.data.report import IngestionReport, SkippedRow
-from prefprune.data.splits import fingerprint, split_preferences
+from prefprune.data.splits import DEFAULT_SPLIT_FRACTIONS, fingerprint, split_preferences
 from prefprune.data.synthetic import (
     GENERATOR_VERSION,
     default_dataset_path,
@@ -18,6 +18,7 @@ from prefprune.data.synthetic import (
 from prefprune.errors import DataError
 
 __all__ = [
+    "DEFAULT_SPLIT_FRACTIONS",
     "FORMATS",
     "GENERATOR_VERSION",
     "PLAIN",

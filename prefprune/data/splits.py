@@ -17,6 +17,8 @@ import datasets
 from prefprune.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+#: Train/validation/test shares of data without source splits, wherever a default is needed.
+DEFAULT_SPLIT_FRACTIONS = (0.6, 0.15, 0.25)
 #: Source split names (TL;DR and Hugging Face conventions) -> our split.
 SOURCE_SPLITS = {
     "train": "train",
@@ -32,7 +34,7 @@ SOURCE_SPLITS = {
 def split_preferences(
     ds: datasets.Dataset,
     *,
-    fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
+    fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
 ) -> datasets.DatasetDict:
     """Split into ``train``/``validation``/``test``.

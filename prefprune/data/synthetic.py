@@ -29,7 +29,6 @@ from prefprune.files import write_text_atomic
 #: Bump when the output for a given seed changes; part of the cache key.
 GENERATOR_VERSION = 1
 POLICIES = ("sup_good", "sup_bad", "verbose", "hallucinating")
-SPLIT_NAMES = ("train", "valid1", "valid2")
 
 _NAMES = ("Jake", "Emma", "Liam", "Sofia", "Noah", "Chloe", "Ethan", "Mia", "Lucas", "Ava",
           "Owen", "Zoe", "Ryan", "Lily", "Dylan", "Grace", "Marcus", "Nina", "Tyler", "Hannah",

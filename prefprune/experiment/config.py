@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from prefprune.config import Settings, limits_text, setting
-from prefprune.data import default_expert_validation_path
+from prefprune.data import DEFAULT_SPLIT_FRACTIONS, default_expert_validation_path
 from prefprune.data.options import DataOptions
 from prefprune.ensemble import SUFFIX, EnsembleConfig, ensembled
 from prefprune.errors import ConfigError, ExperimentConfigError
@@ -51,7 +51,7 @@ class RunConfig(Settings):
     allow_overlap: bool = setting(False, help="Use a validation or test source even if it "
                                               "shares pairs with the training split.")
     split_fractions: tuple[float, float, float] = setting(
-        (0.6, 0.15, 0.25), min=0.0, max=1.0, metavar="TRAIN,VAL,TEST",
+        DEFAULT_SPLIT_FRACTIONS, min=0.0, max=1.0, metavar="TRAIN,VAL,TEST",
         help="Train/validation/test shares for data without source splits.")
     split_seed: int = setting(0, help="Seed of the train/validation/test split of data "
                                       "without source splits.")
