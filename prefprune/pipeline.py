@@ -116,7 +116,8 @@ def prepare_data(
     path = default_dataset_path() if source is None else source
     options = (options or DataOptions()).replace(**reading)
     rendering = rendering or PLAIN
-    loaded = load_preferences(path, **options.kwargs(), rendering=rendering)
+    loaded = load_preferences(path, options, rendering=rendering)
+    loaded.report.require_pairs()
     splits = split_preferences(loaded.dataset, fractions=fractions, seed=seed)
     origins = {name: f"the {name} split of {path}" for name in ("validation", "test")}
     reports = {}
@@ -124,11 +125,8 @@ def prepare_data(
                                          ("test", test, test_options)):
         if held_out is None:
             continue
-        separate = load_preferences(held_out, **(held_options or DataOptions()).kwargs(),
-                                    rendering=rendering)
-        if separate.report.kept == 0:
-            raise DataError(f"{held_out}: no usable pairs for the {name} set "
-                            f"({separate.report.read} rows read, all skipped)")
+        separate = load_preferences(held_out, held_options, rendering=rendering)
+        separate.report.require_pairs(f"the {name} set")
         _check_overlap(separate.dataset, splits["train"], name, held_out, allow_overlap)
         splits[name] = separate.dataset
         origins[name] = str(held_out)

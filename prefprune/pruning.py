@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from prefprune.config import Settings, setting
-from prefprune.data import fingerprint, load_preferences
+from prefprune.data import DataOptions, fingerprint, load_preferences
 from prefprune.data.writer import RewriteReport, rewrite_source
 from prefprune.errors import ConfigError, DataError, SelectionError, StaleDataWarning
 from prefprune.files import (
@@ -214,7 +214,7 @@ def prune_source(
     config: PruneConfig | None = None,
     *,
     overwrite: bool = False,
-    data_options: Mapping[str, Any] | None = None,
+    data_options: DataOptions | None = None,
 ) -> PruneResult:
     """Remove (or relabel) the pairs ``config`` selects (default: the top 10% by IF) from
     ``source``.
@@ -233,16 +233,15 @@ def prune_source(
     output = Path(output)
     inputs = [source] if isinstance(scores, pd.DataFrame) else [source, scores]
     check_folder(output, "prune", overwrite=overwrite, inputs=inputs)
-    options = dict(data_options or {})
-    options.pop("strict", None)
-    texts = load_preferences(source, **options).dataset
+    options = (data_options or DataOptions()).replace(strict=False)
+    texts = load_preferences(source, options).dataset
     if not isinstance(scores, pd.DataFrame):
         _check_same_data(Path(scores), texts, source)
     relabel = config.relabel
     ids = set(chosen.ids)
     claim_folder(output, "prune", overwrite=overwrite)
     remove_owned(output, (REMOVED_FILE, SUMMARY_FILE))
-    rewrite = rewrite_source(source, output / _output_name(source), **options,
+    rewrite = rewrite_source(source, output / _output_name(source), options,
                              remove=set() if relabel else ids, relabel=ids if relabel else set())
     removed_file = output / REMOVED_FILE
     _write_evidence(removed_file, table, chosen, texts)

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefprune.data import DataError, load_preferences
+from prefprune.data import DataError, DataOptions, load_preferences
+from prefprune.errors import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TLDR = FIXTURES / "tldr_comparisons.jsonl"
@@ -82,14 +83,14 @@ def test_report_text_and_dict_name_file_and_line() -> None:
 
 def test_strict_raises_on_first_bad_row() -> None:
     with pytest.raises(DataError, match=r"tldr_comparisons\.jsonl:3: malformed_json"):
-        load_preferences(TLDR, strict=True)
+        load_preferences(TLDR, DataOptions(strict=True))
     expected = r"hh\.jsonl\.gz:3: hh_prompt_mismatch \(field 'rejected'\)"
     with pytest.raises(DataError, match=expected):
-        load_preferences(HH, strict=True)
+        load_preferences(HH, DataOptions(strict=True))
 
 
 def test_generic_csv_with_mapping() -> None:
-    result = load_preferences(FIXTURES / "generic.csv", columns=CSV_MAPPING)
+    result = load_preferences(FIXTURES / "generic.csv", DataOptions(columns=CSV_MAPPING))
     _assert_accounted(result)
     assert result.report.by_reason() == {
         "empty_field": 1, "identical_responses": 1, "malformed_row": 1, "duplicate_id": 1}
@@ -113,9 +114,10 @@ def test_generic_json_data_key_and_hashed_ids() -> None:
 def test_mapping_errors_name_column_and_available_ones() -> None:
     with pytest.raises(DataError, match=r"column 'query' \(mapped to 'prompt'\) not found; "
                                         r"available columns: uid, question, good, bad, topic"):
-        load_preferences(FIXTURES / "generic.csv", columns={**CSV_MAPPING, "prompt": "query"})
-    with pytest.raises(DataError, match="'answer' is not a canonical column"):
-        load_preferences(FIXTURES / "generic.csv", columns={"answer": "good"})
+        load_preferences(FIXTURES / "generic.csv",
+                         DataOptions(columns={**CSV_MAPPING, "prompt": "query"}))
+    with pytest.raises(ConfigError, match="'answer' is not a canonical column"):
+        DataOptions(columns={"answer": "good"})
 
 
 def test_parquet_and_saved_dataset(tmp_path: Path) -> None:
@@ -129,11 +131,11 @@ def test_parquet_and_saved_dataset(tmp_path: Path) -> None:
     other = {**rows[0], "id": "x3"}
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
                           "test": datasets.Dataset.from_list([other])}).save_to_disk(saved)
-    result = load_preferences(saved, strict=True)
+    result = load_preferences(saved, DataOptions(strict=True))
     assert result.report.container == "hf_disk"
     assert result.dataset["source_split"] == ["train", "test"]
     assert result.dataset["source_row"] == [0, 0]  # index within its split
-    assert load_preferences(saved, hub_split="test").dataset["id"] == ["x3"]
+    assert load_preferences(saved, DataOptions(hub_split="test")).dataset["id"] == ["x3"]
 
 
 def test_hub_branch_uses_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,8 +147,8 @@ def test_hub_branch_uses_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         return datasets.Dataset.from_list([record])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    result = load_preferences("openai/summarize_from_feedback", hub_config="comparisons",
-                              hub_split="train")
+    result = load_preferences("openai/summarize_from_feedback",
+                              DataOptions(hub_config="comparisons", hub_split="train"))
     assert calls == [("openai/summarize_from_feedback", "comparisons", "train", None)]
     assert (result.report.format, result.report.container) == ("tldr", "hub")
     assert result.dataset["chosen"] == ["Cat broke plant."]
@@ -180,8 +182,8 @@ def test_auto_detection_and_unknown_layout(tmp_path: Path) -> None:
     path.write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(DataError, match="cannot detect the format"):
         load_preferences(path)
-    with pytest.raises(DataError, match="unknown format"):
-        load_preferences(path, format="csv")
+    with pytest.raises(ConfigError, match="format: must be one of auto, tldr"):
+        DataOptions(format="csv")
 
 
 def test_json_file_holding_json_lines(tmp_path: Path) -> None:

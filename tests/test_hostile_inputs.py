@@ -20,7 +20,7 @@ import torch
 import yaml
 from helpers import FIXTURES, assert_one_error_line, pairs, run_cli
 
-from prefprune.data import generate_synthetic, load_preferences
+from prefprune.data import DataOptions, generate_synthetic, load_preferences
 from prefprune.document import Code, Section, render_markdown
 from prefprune.errors import DataError
 
@@ -222,7 +222,7 @@ def test_09_a_row_with_an_unknown_split_is_reported_not_a_reason_to_reshuffle(tm
     result = run_cli("data", "inspect", source)
     assert "unknown_split" in result.stdout
     with pytest.raises(DataError, match="unknown_split"):
-        load_preferences(source, strict=True)
+        load_preferences(source, DataOptions(strict=True))
 
 
 def test_10_jsonl_with_a_byte_order_mark_keeps_its_first_row(world, tmp_path):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from helpers import run_cli
 
-from prefprune.data import PLAIN, load_preferences
+from prefprune.data import PLAIN, DataOptions, load_preferences
 from prefprune.data.messages import ChatTemplateRendering, rendering_for, shared_text
 from prefprune.data.pairwise import flip_label
 from prefprune.pruning import PruneConfig, prune_source
@@ -99,14 +99,16 @@ def test_graded_preferences_by_sign(tmp_path):
     write_jsonl(source, PAIRWISE)
     mapping = {"prompt": "question", "response_a": "answer_a", "response_b": "answer_b",
                "label": "overall_preference"}
-    loaded = load_preferences(source, columns=mapping, label_values=("negative", "positive"))
+    loaded = load_preferences(source, DataOptions(columns=mapping,
+                                                      label_values=("negative", "positive")))
     assert loaded.report.format == "pairwise"
     check_account(loaded, 2, {"tie_label": 1, "unknown_label": 1})
     assert (loaded.dataset[0]["chosen"], loaded.dataset[1]["chosen"]) == ("Paris", "4")
     assert loaded.dataset[0]["overall_preference"] == -2  # the label stays as evidence
-    exact = load_preferences(source, columns=mapping, label_values=("-2", "3"))
+    exact = load_preferences(source, DataOptions(columns=mapping, label_values=("-2", "3")))
     assert exact.report.kept == 2
-    details = [row.detail for row in load_preferences(source, columns=mapping).report.skipped]
+    default = load_preferences(source, DataOptions(columns=mapping))
+    details = [row.detail for row in default.report.skipped]
     assert any("label -2 is not one of 0/a/A/model_a" in d for d in details)
 
 
@@ -125,7 +127,7 @@ def test_arena_battles(tmp_path):
     pd.DataFrame(ARENA).to_parquet(source)
     mapping = {"response_a": "conversation_a", "response_b": "conversation_b",
                "label": "winner"}
-    loaded = load_preferences(source, columns=mapping)
+    loaded = load_preferences(source, DataOptions(columns=mapping))
     check_account(loaded, 2, {"tie_label": 1})
     assert loaded.dataset[1]["chosen"] == " 2" and loaded.dataset[1]["rejected"] == " 3"
     assert loaded.dataset[0]["prompt"] == "User: Tell a joke\n\nAssistant:"
@@ -156,7 +158,8 @@ def test_round_trip_through_prune(tmp_path, name, rows, options, suffix):
         write_jsonl(source, rows)
     else:
         pd.DataFrame(rows).to_parquet(source)
-    before = load_preferences(source, **options)
+    options = DataOptions(**options)
+    before = load_preferences(source, options)
     ids = before.dataset["id"]
     scores = pd.DataFrame({"id": ids, "loss": [float(i) for i in range(len(ids))]})
     top_pair = PruneConfig(by="loss", fraction=1 / len(ids) - 1e-9)
@@ -165,10 +168,10 @@ def test_round_trip_through_prune(tmp_path, name, rows, options, suffix):
     relabelled = prune_source(scores, source, tmp_path / "relabelled",
                               top_pair.replace(relabel=True), data_options=options)
     (top,) = removed.selection.ids
-    after = load_preferences(removed.rewrite.output, **options)
+    after = load_preferences(removed.rewrite.output, options)
     assert after.report.kept == before.report.kept - 1 and top not in after.dataset["id"]
     assert len(after.report.skipped) == len(before.report.skipped)  # skipped rows kept
-    flipped = load_preferences(relabelled.rewrite.output, **options).dataset
+    flipped = load_preferences(relabelled.rewrite.output, options).dataset
     old = {row["id"]: row for row in before.dataset}
     for row in flipped:
         original = old.get(row["id"])

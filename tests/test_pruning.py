@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prefprune.data import load_preferences
+from prefprune.data import DataOptions, load_preferences
 from prefprune.data.writer import rewrite_source
 from prefprune.errors import DataError, SelectionError, StaleDataWarning
 from prefprune.pruning import (
@@ -100,8 +100,8 @@ def test_inject_flips_is_seeded_and_keeps_the_truth():
         assert after["label_flipped"] == (before["label_flipped"] != swapped)
 
 
-def reload(path: Path, **kwargs) -> dict[str, dict]:
-    return {row["id"]: row for row in load_preferences(path, **kwargs).dataset.to_list()}
+def reload(path: Path, options: DataOptions | None = None) -> dict[str, dict]:
+    return {row["id"]: row for row in load_preferences(path, options).dataset.to_list()}
 
 
 def test_jsonl_rewrite_keeps_every_other_line_byte_for_byte(tmp_path):
@@ -144,14 +144,14 @@ def test_gzip_hh_relabel_swaps_transcripts(tmp_path):
 
 
 def test_csv_and_json_keep_layout_and_bad_rows(tmp_path):
-    original = reload(CSV, columns=CSV_MAPPING)
+    original = reload(CSV, DataOptions(columns=CSV_MAPPING))
     out = tmp_path / CSV.name
-    rewrite_source(CSV, out, columns=CSV_MAPPING, remove={"u1"})
+    rewrite_source(CSV, out, DataOptions(columns=CSV_MAPPING), remove={"u1"})
     assert out.read_text().splitlines()[0] == CSV.read_text().splitlines()[0]
-    result = load_preferences(out, columns=CSV_MAPPING)
+    result = load_preferences(out, DataOptions(columns=CSV_MAPPING))
     assert set(r["id"] for r in result.dataset.to_list()) == set(original) - {"u1"}
     # the malformed rows are still there, reported as before; u1's duplicate went with it
-    reasons = load_preferences(CSV, columns=CSV_MAPPING).report.by_reason()
+    reasons = load_preferences(CSV, DataOptions(columns=CSV_MAPPING)).report.by_reason()
     reasons.pop("duplicate_id")
     assert result.report.by_reason() == reasons
     json_ids = list(reload(JSON))

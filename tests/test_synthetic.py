@@ -10,6 +10,7 @@ import pytest
 
 from prefprune.data import (
     GENERATOR_VERSION,
+    DataOptions,
     default_dataset_path,
     generate_synthetic,
     load_preferences,
@@ -62,7 +63,7 @@ def test_quality_tracks_policies(default_set: Path) -> None:
 
 
 def test_readable_by_the_tldr_reader(default_set: Path) -> None:
-    result = load_preferences(default_set, strict=True)
+    result = load_preferences(default_set, DataOptions(strict=True))
     assert result.report.format == "tldr"
     assert result.report.kept == result.report.read
     ds = result.dataset

@@ -22,7 +22,7 @@ from prefprune import distributed
 from prefprune.cli import render
 from prefprune.cli.options import OptionGroup, apply, with_options
 from prefprune.cli.render import fail, print_json, stdout
-from prefprune.data import DataOptions, load_preferences, rendering_for
+from prefprune.data import DataOptions, load_preferences, locate_source, rendering_for
 from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import ExperimentConfig
@@ -147,10 +147,11 @@ def inspect_command(
 ) -> None:
     """Load a source and show what was kept, what was skipped and why, how many pairs lose
     text at --max-length, and a few pairs."""
+    options = _data(data_options)
+    locate_source(path, options)  # a mistyped path is reported before the tokenizer loads
     model = TOKENIZER.build(model_config)
     tokenizer = load_tokenizer(model.backbone or default_backbone(), model.trust_remote_code)
-    loaded = load_preferences(path, **_data(data_options).kwargs(),
-                              rendering=rendering_for(tokenizer))
+    loaded = load_preferences(path, options, rendering=rendering_for(tokenizer))
     cut = PairEncoder(tokenizer, model.max_length).truncation(loaded.dataset)
     if json_output:
         print_json({"report": loaded.report.to_dict(), "truncation": cut.to_dict(),
@@ -305,7 +306,7 @@ def prune_command(
     config = PRUNE.build(prune_config)
     try:
         result = prune_source(scores, data, output, config, overwrite=overwrite,
-                              data_options=_data(data_options).kwargs())
+                              data_options=_data(data_options))
     except SelectionError as exc:
         raise typer.BadParameter(str(exc)) from exc
     summary = result.summary

@@ -3,6 +3,7 @@
 Public names are re-exported here; see each module for the reasons behind the rules.
 """
 
+from prefprune.data.containers import locate_source
 from prefprune.data.loader import LoadResult, load_preferences
 from prefprune.data.messages import PLAIN, Rendering, rendering_for
 from prefprune.data.options import FORMATS, DataOptions
@@ -34,6 +35,7 @@ __all__ = [
     "fingerprint",
     "generate_synthetic",
     "load_preferences",
+    "locate_source",
     "rendering_for",
     "split_preferences",
 ]

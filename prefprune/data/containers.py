@@ -31,11 +31,12 @@ from typing import Any
 
 import datasets
 
+from prefprune.data.jsontext import deep_text_field, records_of, too_deep
+from prefprune.data.options import DataOptions
 from prefprune.errors import DataError
 
 #: ``owner/name``: the only shape read from the hub without ``hub=True``.
 _HUB_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
-_KNOWN_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class RawRow:
     error: str | None = None
     split: str | None = None
     error_reason: str = "malformed_json"
+    error_field: str | None = None
 
 
 @dataclass
@@ -60,34 +62,45 @@ class Container:
     columns: list[str] = field(default_factory=list)
 
 
-def read_container(
-    source: str | os.PathLike,
-    *,
-    hub_config: str | None = None,
-    hub_split: str | None = None,
-    data_dir: str | None = None,
-    hub: bool = False,
-) -> Container:
-    """Open ``source``: a local file or directory; else a hub dataset, but only when it looks
-    like a hub id (``owner/name``) or ``hub`` says so. A mistyped file name is reported at
-    once instead of spending the network retries of a hub lookup on it."""
-    path = Path(source)
-    if hub:
-        container = _read_hub(str(source), hub_config, hub_split, data_dir)
-    elif path.is_dir():
-        container = _read_saved_dataset(path, hub_split)
-    elif path.exists():
-        container = _read_file(path)
-    elif _looks_like_hub_id(str(source)):
-        container = _read_hub(str(source), hub_config, hub_split, data_dir)
+def read_container(source: str | os.PathLike, options: DataOptions) -> Container:
+    """All raw rows of ``source``, read as :func:`locate_source` says."""
+    where = locate_source(source, options)
+    if where == "hub":
+        container = _read_hub(str(source), options)
+    elif where == "folder":
+        container = _read_saved_dataset(Path(source), options.hub_split)
     else:
-        raise DataError(f"{source}: file not found (a hub dataset is read when named as "
-                        "owner/name, or with --hub)")
+        container = _FILE_READERS[where](Path(source))
     if not container.rows:
         raise DataError(f"{container.label}: contains no records")
     if not container.columns:
         container.columns = _union_of_keys(row.record for row in container.rows)
     return container
+
+
+def locate_source(source: str | os.PathLike, options: DataOptions) -> str:
+    """How ``source`` is read: ``hub``, ``folder`` (a saved dataset) or a file suffix, decided
+    without reading it, so that a command can check its data before it loads a model.
+
+    A local file or folder wins; else a hub dataset, but only when the name looks like a hub
+    id (``owner/name``) or ``options.hub`` says so: a mistyped file name is reported at once
+    instead of spending the network retries of a hub lookup on it."""
+    path = Path(source)
+    if options.hub:
+        return "hub"
+    if path.is_dir():
+        return "folder"
+    if path.exists():
+        suffix = _data_suffix(path.name)
+        if not suffix:
+            raise DataError(f"{path}: unknown file type; expected one of .jsonl, .jsonl.gz, "
+                            ".json, .csv, .parquet, a saved Hugging Face dataset directory or a "
+                            "hub dataset name")
+        return suffix
+    if _looks_like_hub_id(str(source)):
+        return "hub"
+    raise DataError(f"{source}: file not found (a hub dataset is read when named as "
+                    "owner/name, or with --hub)")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -101,7 +114,7 @@ def _looks_like_hub_id(name: str) -> bool:
 def _data_suffix(name: str) -> str:
     """The container suffix of a file name, ignoring a trailing ``.gz``."""
     base = name.lower().removesuffix(".gz")
-    return next((s for s in _KNOWN_SUFFIXES if base.endswith(s)), "")
+    return next((s for s in _FILE_READERS if base.endswith(s)), "")
 
 
 def _union_of_keys(records: Iterable[Any]) -> list[str]:
@@ -126,21 +139,8 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
-def _read_file(path: Path) -> Container:
-    """Dispatch on the file suffix (``.gz`` means gzip around the real suffix)."""
-    suffix = _data_suffix(path.name)
-    if suffix == ".jsonl":
-        return _json_lines(path, read_bytes(path), "jsonl")
-    if suffix == ".json":
-        return _read_json(path, read_bytes(path))
-    if suffix == ".csv":
-        return _read_csv(path, read_bytes(path))
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise DataError(
-        f"{path}: unknown file type; expected one of .jsonl, .jsonl.gz, .json, .csv, "
-        ".parquet, a saved Hugging Face dataset directory or a hub dataset name"
-    )
+def _read_jsonl(path: Path) -> Container:
+    return _json_lines(path, read_bytes(path), "jsonl")
 
 
 def _json_lines(path: Path, data: bytes, kind: str) -> Container:
@@ -151,19 +151,34 @@ def _json_lines(path: Path, data: bytes, kind: str) -> Container:
             continue
         try:
             # utf-8-sig on the first line: a byte-order mark is not part of the record
-            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            rows.append(RawRow(number, json.loads(text)))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            rows.append(_json_row(number, raw.decode("utf-8-sig" if number == 1 else "utf-8")))
+        except UnicodeDecodeError as exc:
             rows.append(RawRow(number, error=f"invalid JSON: {exc}"))
     return Container(kind, str(path), "line", rows)
 
 
-def _read_json(path: Path, data: bytes) -> Container:
-    """A JSON list of records or ``{"data": [...]}``; JSON lines in a .json file also work."""
+def _json_row(position: int, text: str) -> RawRow:
+    """One record's JSON text, parsed; a record too deep for the parser is skipped alone."""
     try:
-        value = json.loads(data.decode("utf-8-sig"))
+        return RawRow(position, json.loads(text))
+    except json.JSONDecodeError as exc:
+        return RawRow(position, error=f"invalid JSON: {exc}")
+    except RecursionError:
+        field = deep_text_field(text)
+        return RawRow(position, error=too_deep(field), error_reason="too_deep",
+                      error_field=field)
+
+
+def _read_json(path: Path) -> Container:
+    """A JSON list of records or ``{"data": [...]}``; JSON lines in a .json file also work."""
+    data = read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+        value = json.loads(text)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
+    except RecursionError:
+        return _read_deep_json(path, data, text)
     except json.JSONDecodeError as exc:
         if _first_line_is_object(data):
             return _json_lines(path, data, "json_lines")
@@ -177,24 +192,49 @@ def _read_json(path: Path, data: bytes) -> Container:
     return Container("json", str(path), "row", [RawRow(i, r) for i, r in enumerate(value)])
 
 
+def _read_deep_json(path: Path, data: bytes, text: str) -> Container:
+    """A JSON file with a record too deep for the parser: its array is cut into elements by a
+    flat scan and each is parsed on its own, so that only the deep one is skipped."""
+    records = records_of(text)
+    if records is None:
+        return _json_lines(path, data, "json_lines")
+    rows = [_json_row(i, text[m.start:m.end]) for i, m in enumerate(records.elements)]
+    return Container("json", str(path), "row", rows)
+
+
 def _first_line_is_object(data: bytes) -> bool:
     """Whether the content looks like JSON lines (its first line is a JSON object)."""
     first = data.removeprefix(codecs.BOM_UTF8).lstrip().split(b"\n", 1)[0]
     try:
         return isinstance(json.loads(first), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
 
 
-def _read_csv(path: Path, data: bytes) -> Container:
+def _read_csv(path: Path) -> Container:
     """CSV with a header; all values are strings, empty cells are empty strings."""
+    data = read_bytes(path)
     try:
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
-        records = list(reader)
+        with csv_field_limit(len(data)):
+            reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+            records = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot parse CSV: {exc}") from exc
     rows = [_csv_row(i, record, len(reader.fieldnames or [])) for i, record in enumerate(records)]
     return Container("csv", str(path), "row", rows, list(reader.fieldnames or []))
+
+
+@contextmanager
+def csv_field_limit(size: int) -> Iterator[None]:
+    """Let one cell be as long as the whole file (``csv`` refuses cells over 131,072
+    characters, which one long response in a JSON file does not). The limit is the ``csv``
+    module's global setting, so it is put back afterwards; the cap keeps it within a C long."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(min(max(size, previous), 2**31 - 1))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _csv_row(index: int, record: dict, width: int) -> RawRow:
@@ -220,26 +260,34 @@ def _read_parquet(path: Path) -> Container:
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> Container:
-    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``; a split
+    is chosen among those it has."""
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise DataError(f"{path}: not a saved Hugging Face dataset directory: {exc}") from exc
-    return _from_dataset(loaded, "hf_disk", str(path), split)
+    if split is None:
+        return _from_dataset(loaded, "hf_disk", str(path), None)
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{path}: a saved dataset without splits has no split '{split}'; "
+                        "drop --hub-split")
+    if split not in loaded:
+        raise DataError(f"{path}: no split '{split}'; its splits are "
+                        f"{', '.join(loaded) or 'none'}")
+    return _from_dataset(loaded[split], "hf_disk", str(path), split)
 
 
-def _read_hub(
-    name: str, config: str | None, split: str | None, data_dir: str | None
-) -> Container:
+def _read_hub(name: str, options: DataOptions) -> Container:
     """A hub dataset; only reached when ``source`` is not a local path."""
     try:
         with _quiet_hub():
-            loaded = datasets.load_dataset(name, config, split=split, data_dir=data_dir)
+            loaded = datasets.load_dataset(name, options.hub_config, split=options.hub_split,
+                                           data_dir=options.data_dir)
     except Exception as exc:  # the hub raises many unrelated types; report them uniformly
         raise DataError(
             f"{name}: not a local path, and loading it as a hub dataset failed: {exc}"
         ) from exc
-    return _from_dataset(loaded, "hub", name, split)
+    return _from_dataset(loaded, "hub", name, options.hub_split)
 
 
 @contextmanager
@@ -257,12 +305,19 @@ def _quiet_hub() -> Iterator[None]:
 def _from_dataset(
     loaded: datasets.Dataset | datasets.DatasetDict, kind: str, label: str, split: str | None
 ) -> Container:
-    """Rows of a Dataset, or of every split of a DatasetDict (tagged with the split name)."""
+    """Rows of a Dataset (tagged with ``split``, the one it was loaded as), or of every split
+    of a DatasetDict (tagged with the split's name)."""
     if isinstance(loaded, datasets.DatasetDict):
-        if split is not None:
-            return _from_dataset(loaded[split], kind, label, split)
         parts = [_from_dataset(ds, kind, label, name) for name, ds in loaded.items()]
         rows = [row for part in parts for row in part.rows]
         return Container(kind, label, "row", rows, parts[0].columns if parts else [])
     rows = [RawRow(i, record, split=split) for i, record in enumerate(loaded)]
     return Container(kind, label, "row", rows, list(loaded.column_names))
+
+
+_FILE_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}

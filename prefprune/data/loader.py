@@ -16,12 +16,12 @@ from prefprune.data.fields import Pair, ReadContext
 from prefprune.data.formats import (
     CANONICAL_COLUMNS,
     CONVERTERS,
-    MAPPABLE,
     Converter,
     detect_format,
 )
+from prefprune.data.jsontext import deep_field, too_deep
 from prefprune.data.messages import PLAIN, Rendering
-from prefprune.data.options import FORMATS
+from prefprune.data.options import DataOptions
 from prefprune.data.report import IngestionReport, RowIssue, SkippedRow
 from prefprune.data.splits import SOURCE_SPLITS
 from prefprune.errors import DataError
@@ -46,59 +46,39 @@ class LoadResult:
     report: IngestionReport
 
 
-def load_preferences(
-    source: str | os.PathLike,
-    *,
-    format: str = "auto",
-    columns: Mapping[str, str] | None = None,
-    strict: bool = False,
-    hub_config: str | None = None,
-    hub_split: str | None = None,
-    data_dir: str | None = None,
-    hub: bool = False,
-    label_values: tuple[str, str] | None = None,
-    rendering: Rendering | None = None,
-) -> LoadResult:
-    """Load preference pairs from a file, a saved dataset directory or a hub name.
+def load_preferences(source: str | os.PathLike, options: DataOptions | None = None, *,
+                     rendering: Rendering | None = None) -> LoadResult:
+    """Load preference pairs from a file, a saved dataset directory or a hub name, read as
+    ``options`` say (default: the layout detected, every column under its canonical name).
 
-    Bad rows are skipped and reported (``strict=False``) or raise
-    :class:`DataError` on the first one (``strict=True``). ``columns`` maps
-    canonical names (``prompt``, ``chosen``, ``rejected``, ``id``) to the
-    user's column names. ``source_row`` is the 1-based line for JSON-lines
-    input and the 0-based record index otherwise (see ``containers``).
+    Bad rows are skipped and reported, or raise :class:`DataError` on the first one with
+    ``options.strict``. ``rendering`` says how message lists become text (default: the plain
+    rendering). ``source_row`` is the 1-based line for JSON-lines input and the 0-based record
+    index otherwise (see ``containers``).
     """
-    container, fmt, context = open_source(source, format, columns, hub_config=hub_config,
-                                          hub_split=hub_split, data_dir=data_dir, hub=hub,
-                                          label_values=label_values, rendering=rendering)
-    pairs, skipped = _convert_all(container, fmt, context, strict)
-    pairs = _drop_unplaceable(pairs, skipped, container, strict)
+    options = options or DataOptions()
+    container, fmt, context = open_source(source, options, rendering)
+    pairs, skipped = _convert_all(container, fmt, context, options.strict)
+    pairs = _drop_unplaceable(pairs, skipped, container, options.strict)
     report = IngestionReport(container.label, fmt, len(container.rows), len(pairs), skipped,
                              container.kind)
     return LoadResult(_to_dataset(pairs, fmt, container.label), report)
 
 
-def open_source(source: str | os.PathLike, format: str = "auto",
-                columns: Mapping[str, str] | None = None, *, hub_config: str | None = None,
-                hub_split: str | None = None, data_dir: str | None = None,
-                hub: bool = False, label_values: tuple[str, str] | None = None,
+def open_source(source: str | os.PathLike, options: DataOptions,
                 rendering: Rendering | None = None) -> tuple[Container, str, ReadContext]:
-    """The raw rows of ``source``, its layout (``format``, or detected) and the checked column
-    mapping: everything a reader or a writer of the source needs to find its pairs."""
-    if format not in FORMATS:
-        raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
-    container = read_container(source, hub_config=hub_config, hub_split=hub_split,
-                               data_dir=data_dir, hub=hub)
-    mapping = check_mapping(dict(columns or {}), container)
-    fmt = format if format != "auto" else detect_layout(container, mapping)
-    return container, fmt, ReadContext(mapping, label_values, rendering or PLAIN)
+    """The raw rows of ``source``, its layout (``options.format``, or detected) and the checked
+    column mapping: everything a reader or a writer of the source needs to find its pairs."""
+    container = read_container(source, options)
+    mapping = check_mapping(dict(options.columns), container)
+    fmt = options.format if options.format != "auto" else detect_layout(container, mapping)
+    return container, fmt, ReadContext(mapping, options.label_values, rendering or PLAIN)
 
 
 def check_mapping(mapping: dict[str, str], container: Container) -> dict[str, str]:
-    """Reject mappings of unknown canonical names or onto columns the data lacks."""
+    """Reject mappings onto columns the data lacks (:class:`DataOptions` has already checked
+    the canonical names)."""
     for canonical, column in mapping.items():
-        if canonical not in MAPPABLE:
-            raise DataError(f"columns: '{canonical}' is not a canonical column; "
-                            f"mappable ones are {', '.join(MAPPABLE)}")
         if column not in container.columns:
             raise DataError(f"{container.label}: column '{column}' (mapped to '{canonical}') "
                             f"not found; available columns: {', '.join(container.columns)}")
@@ -126,7 +106,7 @@ def _convert_all(
     seen: dict[str, int] = {}
     for raw in container.rows:
         try:
-            pair = _convert_one(raw, convert, context)
+            pair = convert_row(raw, convert, context)
             _check_unique(pair.id, raw.position, seen, container.unit)
         except RowIssue as issue:
             row = SkippedRow(container.label, raw.position, issue.field, issue.reason,
@@ -163,13 +143,18 @@ def _drop_unplaceable(pairs: list[tuple[RawRow, Pair]], skipped: list[SkippedRow
     return kept
 
 
-def _convert_one(raw: RawRow, convert: Converter, context: ReadContext) -> Pair:
-    """One raw row through the format's converter."""
+def convert_row(raw: RawRow, convert: Converter, context: ReadContext) -> Pair:
+    """One raw row through the format's converter. A record nested deeper than
+    :data:`~prefprune.data.jsontext.MAX_DEPTH` is refused first: its metadata would make
+    pyarrow and ``datasets`` recurse past their limits and fail the whole source."""
     if raw.error is not None:
-        raise RowIssue(raw.error_reason, None, raw.error)
+        raise RowIssue(raw.error_reason, raw.error_field, raw.error)
     if not isinstance(raw.record, dict):
         raise RowIssue("wrong_type", None,
                        f"record is {type(raw.record).__name__}, not an object")
+    deep = deep_field(raw.record)
+    if deep is not None:
+        raise RowIssue("too_deep", deep, too_deep(deep))
     return convert(raw.record, context, raw.split)
 
 

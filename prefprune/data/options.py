@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from prefprune.config import Settings, setting
 from prefprune.data.formats import CONVERTERS, MAPPABLE
@@ -41,6 +41,8 @@ class DataOptions(Settings):
              "strength by its sign. Default: 0/a/A/model_a and 1/b/B/model_b.")
 
     def validate(self) -> None:
+        """A mapping must name canonical columns, and the two label values must differ: equal
+        ones would read every label as A."""
         for canonical, column in self.columns.items():
             if canonical not in MAPPABLE:
                 raise ConfigError("columns", f"'{canonical}' is not a canonical column; "
@@ -50,9 +52,3 @@ class DataOptions(Settings):
         if self.label_values and len({label_text(v) for v in self.label_values}) == 1:
             raise ConfigError("label_values", f"the value meaning A and the one meaning B must "
                                               f"differ, got {','.join(self.label_values)}")
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``load_preferences`` / ``prepare_data``."""
-        return {"format": self.format, "columns": dict(self.columns), "strict": self.strict,
-                "hub_config": self.hub_config, "hub_split": self.hub_split,
-                "data_dir": self.data_dir, "hub": self.hub, "label_values": self.label_values}

@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-#: Stable skip reasons (part of the public contract; used in reports and JSON).
+from prefprune.errors import DataError
+
+#: Stable skip reasons (part of the public contract; used in reports and JSON): a row is only
+#: ever skipped for one of these.
 REASONS = (
     "malformed_json",
     "malformed_row",
@@ -25,6 +28,7 @@ REASONS = (
     "no_shared_prompt",
     "tie_label",
     "unknown_label",
+    "too_deep",
 )
 
 
@@ -52,6 +56,10 @@ class SkippedRow:
     reason: str
     detail: str
     unit: str = "line"
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"skip reason {self.reason!r} is not one of the stable REASONS")
 
     @property
     def location(self) -> str:
@@ -89,6 +97,18 @@ class IngestionReport:
     def by_reason(self) -> dict[str, int]:
         """Number of skipped rows per reason, most frequent first."""
         return dict(Counter(row.reason for row in self.skipped).most_common())
+
+    def require_pairs(self, purpose: str | None = None) -> None:
+        """Raise :class:`DataError` when no row was kept, with the main reasons and where to
+        see each row: otherwise the user only learns, later, that a split is empty."""
+        if self.kept:
+            return
+        reasons = ", ".join(f"{count} {reason}" for reason, count
+                            in list(self.by_reason().items())[:3])
+        used = f" for {purpose}" if purpose else ""
+        raise DataError(f"{self.source}: no usable pairs{used}: all {self.read} rows "
+                        f"were skipped ({reasons}); 'prefprune data inspect {self.source}', with "
+                        "the same data options, lists each one")
 
     def to_dict(self) -> dict:
         """JSON-serialisable form, for run metadata."""

@@ -4,9 +4,10 @@ Pairs are found by id, the same way the loader makes them: every raw row is conv
 so a pair maps back to exactly the row it came from, whatever the container. Later rows with
 the same id (which the loader skipped as duplicates) share the pair's fate, so that a removed
 pair cannot come back as its own duplicate. Other skipped rows (malformed ones) and rows not
-named are written unchanged, byte for byte where
-the container allows it (JSON lines, CSV); a relabelled row is rewritten in the source layout
-(TL;DR: ``choice`` flipped; HH and generic: the chosen and rejected fields swapped).
+named are written unchanged, byte for byte where the container allows it (JSON lines, a JSON
+array of records, CSV); a relabelled row is rewritten in the source layout (TL;DR: ``choice``
+flipped; A/B layouts: the label, in its own convention; HH and generic: the chosen and
+rejected fields swapped).
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from prefprune.data.containers import Container, RawRow, read_bytes
+from prefprune.data.containers import Container, RawRow, csv_field_limit, read_bytes
 from prefprune.data.fields import ReadContext
 from prefprune.data.formats import CONVERTERS
-from prefprune.data.loader import open_source
+from prefprune.data.jsontext import records_of
+from prefprune.data.loader import convert_row, open_source
+from prefprune.data.options import DataOptions
 from prefprune.data.pairwise import flip_label
 from prefprune.data.report import RowIssue
 from prefprune.errors import DataError
@@ -50,23 +53,15 @@ class RewriteReport:
 def rewrite_source(
     source: str | os.PathLike,
     output: str | os.PathLike,
+    options: DataOptions | None = None,
     *,
     remove: set[str] | frozenset[str] = frozenset(),
     relabel: set[str] | frozenset[str] = frozenset(),
-    format: str = "auto",
-    columns: Mapping[str, str] | None = None,
-    hub_config: str | None = None,
-    hub_split: str | None = None,
-    data_dir: str | None = None,
-    hub: bool = False,
-    label_values: tuple[str, str] | None = None,
 ) -> RewriteReport:
-    """Copy ``source`` to ``output`` without the pairs in ``remove`` and with the labels of
-    the pairs in ``relabel`` flipped. Raises :class:`DataError` when an id is not in the source
-    (the scores were computed on other data)."""
-    container, fmt, context = open_source(source, format, columns, hub_config=hub_config,
-                                          hub_split=hub_split, data_dir=data_dir, hub=hub,
-                                          label_values=label_values)
+    """Copy ``source`` (read as ``options`` say) to ``output`` without the pairs in ``remove``
+    and with the labels of the pairs in ``relabel`` flipped. Raises :class:`DataError` when an
+    id is not in the source (the scores were computed on other data)."""
+    container, fmt, context = open_source(source, options or DataOptions())
     actions = _row_actions(container, fmt, context, set(remove), set(relabel))
     missing = (set(remove) | set(relabel)) - {pid for pid, _ in actions.values()}
     if missing:
@@ -91,10 +86,8 @@ def _row_actions(container: Container, fmt: str, context: ReadContext, remove: s
     convert = CONVERTERS[fmt]
     actions: dict[int, tuple[str, str]] = {}
     for index, raw in enumerate(container.rows):
-        if raw.error is not None or not isinstance(raw.record, dict):
-            continue
         try:
-            pid = convert(raw.record, context, raw.split).id
+            pid = convert_row(raw, convert, context).id
         except RowIssue:
             continue
         if pid in remove:
@@ -168,11 +161,28 @@ def _kept_records(container: Container, actions: dict[int, tuple[str, str]],
 
 def _write_json(container: Container, output: Path, actions: dict[int, tuple[str, str]],
                 flip: _Relabeller) -> int:
-    value = json.loads(read_bytes(Path(container.label)).decode("utf-8"))
-    records = [row.record for row in _kept_records(container, actions, flip)]
-    value = {**value, "data": records} if isinstance(value, dict) else records
-    _atomic_bytes(output, json.dumps(value, ensure_ascii=False, indent=1).encode())
-    return len(records)
+    """Untouched records, and the text around the array of records, are copied byte for
+    byte (a record the loader skipped as too deep to parse included); a relabelled record is
+    written in its place, and a removed one is left out with the comma before it."""
+    data = read_bytes(Path(container.label))
+    bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
+    text = data[len(bom):].decode("utf-8")
+    records = records_of(text)
+    if records is None or len(records.elements) != len(container.rows):
+        raise DataError(f"{container.label}: changed while it was being rewritten")
+    elements = records.elements
+    pieces = [text[:records.open + 1], text[records.open + 1:elements[0].start]]
+    for index, (element, row) in enumerate(zip(elements, container.rows)):
+        action = actions.get(index, (None, None))[1]
+        if action == "remove":
+            continue
+        if len(pieces) > 2:  # the separator (comma and spacing) that came before this record
+            pieces.append(text[elements[index - 1].end:element.start])
+        pieces.append(json.dumps(flip(row.record), ensure_ascii=False) if action == "relabel"
+                      else text[element.start:element.end])
+    pieces.append(text[elements[-1].end:])
+    _atomic_bytes(output, bom + "".join(pieces).encode("utf-8"))
+    return len(elements) - sum(a == "remove" for _, a in actions.values())
 
 
 def _write_csv(container: Container, output: Path, actions: dict[int, tuple[str, str]],
@@ -183,13 +193,10 @@ def _write_csv(container: Container, output: Path, actions: dict[int, tuple[str,
     data = read_bytes(Path(container.label))
     bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
     text = data[len(bom):].decode("utf-8")
-    lines = re.split(r"(?<=\n)", text)
     ending = "\r\n" if "\r\n" in text else "\n"
-    reader = csv.reader(lines)
-    out, header, index, consumed, written = [], None, -1, 0, 0
-    for row in reader:
-        raw = "".join(lines[consumed:reader.line_num])
-        consumed = reader.line_num
+    out, header, index, used, written = [], None, -1, 0, 0
+    for row, raw in _csv_records(text):
+        used += len(raw)
         if header is None or not row:  # the header, or a blank line (not a record)
             header = header if header is not None else row
             out.append(raw)
@@ -205,9 +212,20 @@ def _write_csv(container: Container, output: Path, actions: dict[int, tuple[str,
             raw = buffer.getvalue() if raw.endswith("\n") else buffer.getvalue().rstrip("\r\n")
         out.append(raw)
         written += 1
-    out.append("".join(lines[consumed:]))  # anything after the last record (trailing blanks)
+    out.append(text[used:])  # anything after the last record (trailing blanks)
     _atomic_bytes(output, bom + "".join(out).encode("utf-8"))
     return written
+
+
+def _csv_records(text: str) -> Iterator[tuple[list[str], str]]:
+    """Each CSV row with the exact text it was read from (its lines and their endings)."""
+    lines = re.split(r"(?<=\n)", text)
+    reader = csv.reader(lines)
+    consumed = 0
+    with csv_field_limit(len(text)):
+        for row in reader:
+            yield row, "".join(lines[consumed:reader.line_num])
+            consumed = reader.line_num
 
 
 def _write_parquet(container: Container, output: Path, actions: dict[int, tuple[str, str]],
