@@ -2,7 +2,8 @@
 
 Each backbone directory holds a randomly initialised one-output model (safetensors) and the
 default backbone's WordPiece tokenizer: the tokenizer is independent of the architecture, and
-this keeps every test off the network.
+this keeps every test off the network. The one exception, the SmolLM2-shaped Llama, trains its
+own small byte-level BPE tokenizer in code, because its special tokens are what it tests.
 """
 
 from __future__ import annotations
@@ -58,6 +59,53 @@ def build_tiny_backbone(kind: str, directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+#: SmolLM2-135M-Instruct's chat template (ChatML with a default system turn).
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+_CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = ["You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+           "system user assistant question answer what is the capital of france paris lyon",
+           "a short reply yes no maybe context number seven eight helpful kind rude wrong"]
+
+
+def build_tiny_chat_llama(directory: Path, seed: int = 0) -> Path:
+    """Save a tiny random Llama shaped like SmolLM2 where it matters to a reward model:
+    grouped-query attention (4 query heads share 2 key/value heads), rotary positions, a
+    byte-level BPE tokenizer with ChatML special tokens and SmolLM2's chat template, and no pad
+    token in the tokenizer or the config (so prefprune pads with ``<|im_end|>``, the token
+    that also ends every templated turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=_CHATML_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, num_labels=1, pad_token_id=None,
+                         bos_token_id=1, eos_token_id=2)
+    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the tiny SmolLM2-shaped Llama (see :func:`build_tiny_chat_llama`)."""
+    return build_tiny_chat_llama(tmp_path_factory.mktemp("backbones") / "chat_llama")
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from prefprune.model.loading import (
     quiet_transformers,
     read_json,
 )
+from prefprune.model.pooling import read_rewards_at_last_token, right_aligned
 
 #: What :meth:`RewardModel.save` writes into its folder, the description last: a folder
 #: without it is no model, so it is written once everything else is in place.
@@ -57,10 +58,13 @@ class RewardModel:
     :meth:`load`. ``r(x, y)`` is :meth:`rewards`; the pair margin is chosen minus rejected.
     When LoRA adapts only the top layers, the frozen layers below them are served from a
     :class:`FrozenLayerCache` (``config.layer_cache_mb``; several models may share one).
+    A reward is read at each row's last real token, whatever the padding
+    (:mod:`prefprune.model.pooling`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: RewardModelConfig, *,
                  cache: FrozenLayerCache | None = None) -> None:
+        read_rewards_at_last_token(model)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -211,10 +215,12 @@ class RewardModel:
         self.layer_cache = cache
 
     def rewards(self, batch: PairBatch) -> torch.Tensor:
-        """Scalar reward per row, shape (2B,)."""
+        """Scalar reward per row, shape (2B,), the same for a row whatever batch it is in and
+        whichever side it is padded on (rows are right-aligned first)."""
+        inputs = right_aligned(batch.inputs)
         if self.layer_cache is not None:
-            return self.layer_cache.rewards(self.model, batch.inputs)
-        return self.model(**batch.inputs).logits.squeeze(-1).float()
+            return self.layer_cache.rewards(self.model, inputs)
+        return self.model(**inputs).logits.squeeze(-1).float()
 
     def margins(self, batch: PairBatch) -> torch.Tensor:
         """Margin m = r(x, y_w) − r(x, y_l) per pair, shape (B,)."""
