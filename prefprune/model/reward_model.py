@@ -19,6 +19,7 @@ from torch import nn
 
 from prefprune.errors import ConfigError, ModelError
 from prefprune.files import MARKER, check_folder, mark, replacing_entries, write_json_atomic
+from prefprune.model.backbones import resolve_backbone
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import EncodingStats, PairBatch, PairEncoder
 from prefprune.model.layer_cache import FrozenLayerCache
@@ -27,7 +28,6 @@ from prefprune.model.loading import (
     METADATA_FILE,
     MODEL_KIND,
     attach_lora,
-    default_backbone,
     load_adapter,
     load_backbone,
     load_tokenizer,
@@ -81,7 +81,7 @@ class RewardModel:
                cache: FrozenLayerCache | None = None) -> RewardModel:
         """Load the backbone, attach LoRA and a fresh head, all seeded by ``seed``."""
         config = config or RewardModelConfig()
-        source = config.backbone or default_backbone()
+        source = resolve_backbone(config.backbone)
         tokenizer = load_tokenizer(source, config.trust_remote_code)
         seed_everything(seed)
         model = attach_lora(load_backbone(source, config, tokenizer.pad_token_id), config)
@@ -130,7 +130,7 @@ class RewardModel:
             raise ModelError(f"{adapter}: the adapter has no trained scoring head "
                              "(modules_to_save is empty), so its rewards are undefined")
         config = _saved_config(meta, adapter_cfg, backbone, runtime, adapter)
-        source = config.backbone or default_backbone()
+        source = resolve_backbone(config.backbone)
         tok_source = str(tokenizer_dir) if (tokenizer_dir / "tokenizer_config.json").is_file() \
             else source
         tokenizer = load_tokenizer(tok_source, config.trust_remote_code)
@@ -209,7 +209,7 @@ class RewardModel:
         backbone and adapted layers); ``None`` turns caching off."""
         if cache is not None:
             try:
-                cache.bind(self.config.backbone or default_backbone(), self.model)
+                cache.bind(resolve_backbone(self.config.backbone), self.model)
             except ValueError as exc:
                 raise ModelError(f"cannot cache the frozen layers: {exc}") from exc
         self.layer_cache = cache
