@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import NegativeCurvatureError
+from ..errors import InfluenceError, NegativeCurvatureError
 from .config import InfluenceConfig
 
 #: The solvers' stopping rules default to the settings' own (one declaration, in the config).
@@ -146,7 +146,8 @@ def solve_direct(matrix: torch.Tensor, rhs: torch.Tensor, *, damping: float) -> 
     try:
         x = torch.linalg.solve(a, b)
     except torch.linalg.LinAlgError as err:
-        raise ValueError(f"H + λI is singular at damping {damping:g}; increase damping") from err
+        raise InfluenceError(f"H + λI is singular at damping {damping:g}; increase --damping"
+                             ) from err
     residual = _relative(b - a @ x, b)
     not_pd = bool(torch.linalg.cholesky_ex(a).info.item() != 0)
     message = "dense float64 solve"

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prefprune.errors import ModelError
+
 # Attribute names of the transformer layer stack, by architecture family.
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
 # Names of the scoring head (the only trainable module allowed above the layer stack).
@@ -47,14 +49,23 @@ class CacheStats:
 
 
 def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The module holding the transformer layers, its attribute name, and the layers."""
+    """The module holding the transformer layers, its attribute name, and the layers.
+
+    Only ``lora_layers`` > 0 needs it (the default, 1), so an architecture whose layers are
+    stored otherwise (ALBERT shares one layer group across its depth) is told to adapt all
+    layers instead.
+    """
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for module in model.modules():
         for name in _STACK_NAMES:
             stack = module._modules.get(name)
             if isinstance(stack, nn.ModuleList) and (count is None or len(stack) == count):
                 return module, name, stack
-    raise ValueError("cannot find the transformer layer stack of this architecture")
+    expected = f"{count} " if count is not None else ""
+    raise ModelError(
+        f"lora_layers: cannot find this backbone's {expected}transformer layers (a list named "
+        f"{', '.join(_STACK_NAMES)}), so LoRA cannot be limited to the top layers; pass "
+        "--lora-layers 0 to adapt every layer")
 
 
 def first_adapted_layer(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -158,10 +158,35 @@ def attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
         fan_in_fan_out="c_attn" in targets,  # GPT-2's Conv1D stores weights transposed
         **_layer_selection(model, config.lora_layers),
     )
-    with quiet_peft():
-        model = get_peft_model(model, lora)
+    try:
+        with quiet_peft():
+            model = get_peft_model(model, lora)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError, or a module LoRA cannot wrap
+        raise _target_error(targets, model, exc) from exc
     freeze_head_bias(model)
     return model
+
+
+def _target_error(targets: Sequence[str], model: nn.Module, exc: ValueError) -> ModelError:
+    """Which target modules the backbone lacks (peft matches a target by name suffix), and
+    the names of the layers it could adapt, which is what the user needs to pick again."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    problem = (f"no module named {', '.join(unmatched)} in this backbone" if unmatched
+               else f"LoRA cannot adapt {', '.join(targets)} ({exc})")
+    return ModelError(f"target_modules: {problem}; its linear layers are named "
+                      f"{', '.join(linear_names(model))}")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The leaf names of the layers below the head that LoRA adapts best (linear, and GPT-2's
+    Conv1D): what ``--target-modules`` may name."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = head_name(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (nn.Linear, Conv1D))
+                   and name.split(".", 1)[0] != head})
 
 
 def _layer_selection(model: nn.Module, lora_layers: int) -> dict[str, Any]:
