@@ -19,13 +19,13 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from unittest.mock import patch
 
 from prefprune.errors import ModelError
 from prefprune.files import replacing_folder, write_json_atomic
@@ -132,8 +132,8 @@ def convert_gguf(gguf: Path, destination: Path) -> None:
     from prefprune.model.loading import quiet_transformers
 
     where = {"gguf_file": gguf.name, "local_files_only": True}
-    try:  # transformers' dequantising loop has a bare tqdm bar: only tqdm's variable stops it
-        with quiet_transformers(), patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
+    try:  # transformers' dequantising loop draws its own tqdm bar, which no setting turns off
+        with quiet_transformers(), redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **where)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, **where)
     except Exception as exc:  # a damaged file fails with any type (struct.error, KeyError...)
