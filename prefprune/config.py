@@ -37,7 +37,7 @@ def setting(default: Any = _MISSING, *, help: str, min: float | None = None,
             max: float | None = None, above: float | None = None, below: float | None = None,
             choices: tuple[Any, ...] | None = None, default_factory: Any = _MISSING,
             cli: bool = True, persist: bool = True, identity: bool = True,
-            metavar: str | None = None) -> Any:
+            metavar: str | None = None, negatable: bool = False) -> Any:
     """A dataclass field with what users and the CLI need to know about it.
 
     ``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive ones (applied to each
@@ -45,11 +45,13 @@ def setting(default: Any = _MISSING, *, help: str, min: float | None = None,
     command line (it stays a Python and YAML setting). ``persist=False`` keeps it out of every
     saved file: a setting that must come from the user each time (``trust_remote_code``).
     ``identity=False`` marks a runtime setting (a cache budget) that does not change results,
-    so it is left out of fingerprints.
+    so it is left out of fingerprints. ``negatable`` gives an optional field a second flag,
+    ``--no-<name>``, that sets it to None (off).
     """
     metadata = {"help": help, "min": min, "max": max, "above": above, "below": below,
                 "choices": choices,
-                "cli": cli, "persist": persist, "identity": identity, "metavar": metavar}
+                "cli": cli, "persist": persist, "identity": identity, "metavar": metavar,
+                "negatable": negatable}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

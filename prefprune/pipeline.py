@@ -253,7 +253,18 @@ def save_outcome(outcome: TrainOutcome, train_config: TrainConfig, output: Path,
         train=outcome.train.to_dict(),
         truncation={k: v.to_dict() for k, v in outcome.truncation.items()},
         rendering=outcome.data.rendering,
+        frozen_layers=frozen_layer_summary(outcome.model),
     )
+
+
+def frozen_layer_summary(model: RewardModel) -> dict[str, Any] | None:
+    """How many sequences went through the frozen layers in this process and how many were
+    read from RAM or from the feature store on disk (None without the cache); the features
+    computed so far are written to disk first."""
+    if model.layer_cache is None:
+        return None
+    model.layer_cache.flush()
+    return model.layer_cache.summary()
 
 
 def evaluate_saved(
@@ -383,8 +394,7 @@ def score_pairs(
                                      capture=capture)
         model = trained.model
     elif model_path is not None:
-        cache_mb = (model_config or RewardModelConfig()).layer_cache_mb
-        model = RewardModel.load(model_path, layer_cache_mb=cache_mb,
+        model = RewardModel.load(model_path, runtime=model_config or RewardModelConfig(),
                                  trust_remote_code=trust_remote_code)
     _warn_if_other_data(model, data)
     if work_dir is not None and distributed.is_main_process():
@@ -401,6 +411,7 @@ def score_pairs(
     result.metadata["influence_target"] = data.origins.get("validation")
     result.metadata["rendering"] = data.rendering
     result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
+    result.metadata["frozen_layers"] = frozen_layer_summary(model)
     if trained is not None:
         result.metadata["model_metrics"] = metrics_dict(trained.metrics)
     paths = None

@@ -17,6 +17,18 @@ TINY_KINDS = ("bert", "gpt2", "llama")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """prefprune's cache folder (converted backbones, the frozen-layer feature store) in a
+    session folder: tests never read or write the user's ~/.cache/prefprune."""
+    from prefprune.model.gguf_folder import CACHE_ENV
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("prefprune-cache")))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
     make double backward up to 50× slower; no result depends on the thread count."""

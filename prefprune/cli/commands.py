@@ -281,6 +281,7 @@ def score_command(
     if outcome.trained is not None:
         render.print_outcome(outcome.trained)
     stdout.print(render.solves_table(meta))
+    render.print_frozen_layers(meta.get("frozen_layers"))
     stdout.print(render.top_table(outcome.result.table, top))
     stdout.print(f"{meta['n_train']} pairs scored over {meta['n_parameters']:,} parameters in "
                  f"{sum(meta['timings_seconds'].values()):.1f} s; saved "

@@ -58,14 +58,27 @@ class OptionGroup:
 
     def parameters(self) -> list[inspect.Parameter]:
         hints = typing.get_type_hints(self.settings)
-        return [_parameter(f, hints[f.name], getattr(self.base, f.name), self.panel,
-                           self.prefix) for f in self.fields]
+        out = []
+        for f in self.fields:
+            out.append(_parameter(f, hints[f.name], getattr(self.base, f.name), self.panel,
+                                  self.prefix))
+            if f.metadata.get("negatable"):
+                out.append(_off_parameter(f, self.panel, self.prefix))
+        return out
 
     def typed(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The values the user typed, parsed into the field types."""
+        """The values the user typed, parsed into the field types (``--no-<name>``: None)."""
         hints = typing.get_type_hints(self.settings)
-        return {f.name: _parse(values[_param(f, self.prefix)], hints[f.name], f, self.prefix)
-                for f in self.fields if values.get(_param(f, self.prefix)) is not None}
+        typed = {f.name: _parse(values[_param(f, self.prefix)], hints[f.name], f, self.prefix)
+                 for f in self.fields if values.get(_param(f, self.prefix)) is not None}
+        for f in self.fields:
+            if values.get(_off_name(f, self.prefix)):
+                if f.name in typed:
+                    raise typer.BadParameter(f"cannot be given with {flag_of(f.name, self.prefix)}",
+                                             param_hint="--" + _off_name(f, self.prefix)
+                                             .replace("_", "-"))
+                typed[f.name] = None
+        return typed
 
     def build(self, values: Mapping[str, Any], base: Settings | None = None) -> Settings:
         """The config: ``base`` (or the defaults) with the typed values on top."""
@@ -129,6 +142,18 @@ def _parameter(f: dataclasses.Field, annotation: Any, default: Any, panel: str,
     option = typer.Option(*decls, **info)
     return inspect.Parameter(_param(f, prefix), inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[cli_type, option])
+
+
+def _off_name(f: dataclasses.Field, prefix: str) -> str:
+    return "no_" + _param(f, prefix)
+
+
+def _off_parameter(f: dataclasses.Field, panel: str, prefix: str) -> inspect.Parameter:
+    """The ``--no-<name>`` flag of a negatable field: it turns the setting off (None)."""
+    option = typer.Option("--" + _off_name(f, prefix).replace("_", "-"), rich_help_panel=panel,
+                          help=f"Turn {flag_of(f.name, prefix)} off.")
+    return inspect.Parameter(_off_name(f, prefix), inspect.Parameter.KEYWORD_ONLY,
+                             default=None, annotation=Annotated[bool | None, option])
 
 
 def _shown(default: Any) -> str | bool:

@@ -130,6 +130,16 @@ def print_outcome(outcome: TrainOutcome) -> None:
     print_truncation(outcome.truncation)
     stdout.print(training_table(outcome.train))
     stdout.print(metrics_table(outcome.metrics))
+    if outcome.model.layer_cache is not None:
+        print_frozen_layers(outcome.model.layer_cache.summary())
+
+
+def print_frozen_layers(summary: Mapping[str, Any] | None) -> None:
+    """Where the frozen layers' output came from in this command: computed, RAM or disk."""
+    if summary:
+        stdout.print(f"frozen layers: {summary['misses']} sequences computed "
+                     f"({summary['frozen_seconds']:.1f} s), {summary['disk_hits']} read from "
+                     f"the feature cache on disk, {summary['hits']} from RAM")
 
 
 def solves_table(meta: Mapping[str, Any]) -> Table:

@@ -105,8 +105,7 @@ class Experiment:
         self.progress = progress
         self.folder = RunFolder(output, "experiment", config, OWN_ENTRIES, overwrite=overwrite)
         self.on_run = on_run
-        self.cache = (FrozenLayerCache(config.model.layer_cache_mb)
-                      if config.model.uses_layer_cache() else None)
+        self.cache = FrozenLayerCache.for_config(config.model)
 
     def run(self) -> ExperimentResult:
         start = time.perf_counter()
@@ -137,6 +136,9 @@ class Experiment:
                 for arm in arms[seed]:
                     runs.append(self._retrain(arm, train, table, data))
                     advance(1)
+        if self.cache is not None:
+            self.cache.flush()
+            summary["frozen_layers"] = self.cache.summary()
         result = ExperimentResult(self.config, runs, detection,
                                   summarise(runs, detection, agreement), summary, tables, texts,
                                   time.perf_counter() - start)
@@ -194,7 +196,7 @@ class Experiment:
         record_path = self._run_path(arm)
         capture = self._capture(seed, train, data)
         if model_dir.exists() and record_path.exists() and capture is None:
-            model = RewardModel.load(model_dir, layer_cache_mb=self.config.model.layer_cache_mb,
+            model = RewardModel.load(model_dir, runtime=self.config.model,
                                      cache=self.cache,
                                      trust_remote_code=self.config.model.trust_remote_code)
             return self._load_record(record_path, train), model

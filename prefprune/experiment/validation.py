@@ -187,8 +187,7 @@ class Validation:
         self.output = Path(output)
         self.progress = progress
         self.folder = RunFolder(output, "validation", config, OWN_ENTRIES, overwrite=overwrite)
-        self.cache = (FrozenLayerCache(config.model.layer_cache_mb)
-                      if config.model.uses_layer_cache() else None)
+        self.cache = FrozenLayerCache.for_config(config.model)
         self.costs: dict[str, float] = {}
 
     def run(self) -> ValidationResult:
@@ -218,6 +217,9 @@ class Validation:
         flips = self._flip_calibration(data) if self.config.flip_share > 0 else {}
         summary = {**data_summary(data), "lds_targets": len(targets) - 1,
                    "subset_pairs": len(kept[0])}
+        if self.cache is not None:
+            self.cache.flush()
+            summary["frozen_layers"] = self.cache.summary()
         result = ValidationResult(self.config, lds, set_level, flips, summary, self.costs)
         write_json_atomic(self.output / VALIDATE_FILE, result.to_dict())
         return result
@@ -254,7 +256,7 @@ class Validation:
     def _full_model(self, train: datasets.Dataset) -> RewardModel:
         path = self.output / "models" / "full"
         if path.exists():
-            return RewardModel.load(path, layer_cache_mb=self.config.model.layer_cache_mb,
+            return RewardModel.load(path, runtime=self.config.model,
                                     cache=self.cache,
                                     trust_remote_code=self.config.model.trust_remote_code)
         model = self._train(train)

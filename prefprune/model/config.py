@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from prefprune.config import Settings, setting
 from prefprune.errors import ConfigError
+from prefprune.model.feature_store import default_feature_root
 
 #: RAM for cached frozen-layer activations when LoRA adapts only the top layers.
 DEFAULT_LAYER_CACHE_MB = 2048.0
+#: Disk for them (SmolLM2-135M on all of HH harmless needs about 1.3 GB).
+DEFAULT_FEATURE_CACHE_MB = 20480.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,16 @@ class RewardModelConfig(Settings):
     layer_cache_mb: float = setting(
         DEFAULT_LAYER_CACHE_MB, min=0.0, identity=False,
         help="RAM for the cached output of the frozen layers when --lora-layers is set; 0 "
-             "turns the cache off.")
+             "keeps none in RAM.")
+    feature_cache: str | None = setting(
+        "auto", identity=False, negatable=True, metavar="DIR",
+        help="Folder where the frozen layers' output is kept on disk, shared by every "
+             "command, process and run on this machine; auto: features/ in prefprune's "
+             "cache folder ($PREFPRUNE_CACHE_DIR, default ~/.cache/prefprune). "
+             "--no-feature-cache keeps it in RAM only.")
+    feature_cache_mb: float = setting(
+        DEFAULT_FEATURE_CACHE_MB, min=0.0, identity=False,
+        help="Disk budget of the feature cache; past it no more features are written.")
     attn_implementation: str = setting(
         "eager", cli=False, choices=("eager", "sdpa"),
         help="Attention kernel. Eager attention supports the double backward of exact "
@@ -58,6 +71,9 @@ class RewardModelConfig(Settings):
             raise ConfigError("target_modules", "must name at least one module (or be null "
                                                 "to detect them)")
 
-    def uses_layer_cache(self) -> bool:
-        """Whether models built from this config serve their frozen layers from a cache."""
-        return self.lora_layers > 0 and self.layer_cache_mb > 0
+    def feature_cache_location(self) -> Path | None:
+        """The feature cache's folder, or None when it is off."""
+        if self.feature_cache is None:
+            return None
+        return default_feature_root() if self.feature_cache == "auto" \
+            else Path(self.feature_cache).expanduser()

@@ -71,8 +71,8 @@ class RewardModel:
         self.encoder = PairEncoder(tokenizer, config.max_length)
         self.metadata: dict[str, Any] = {}
         self.layer_cache: FrozenLayerCache | None = None
-        if config.uses_layer_cache():
-            self.use_layer_cache(cache or FrozenLayerCache(config.layer_cache_mb))
+        if config.lora_layers > 0:
+            self.use_layer_cache(cache or FrozenLayerCache.for_config(config))
 
     # --- construction -------------------------------------------------------------------
 
@@ -90,21 +90,20 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None,
-             trust_remote_code: bool = False, layer_cache_mb: float | None = None,
+             trust_remote_code: bool = False, runtime: RewardModelConfig | None = None,
              cache: FrozenLayerCache | None = None) -> RewardModel:
         """Load a reward model saved by prefprune, a PEFT adapter directory, or a full
         sequence-classification checkpoint (e.g. the output of TRL's ``RewardTrainer``).
 
-        ``backbone`` overrides the base model recorded in the directory, ``layer_cache_mb``
-        the cache budget. Custom model code runs only with ``trust_remote_code=True``, never
-        because a file says so. A full checkpoint gets a fresh LoRA whose B matrices are zero,
-        so its function is unchanged and influence is taken over LoRA + head, exactly as for
-        a model trained here.
+        ``backbone`` overrides the base model recorded in the directory; the runtime settings
+        of ``runtime`` (the caches and their budgets: what does not change results) replace
+        the saved ones, so a command's own cache flags apply to a model it loads. Custom model
+        code runs only with ``trust_remote_code=True``, never because a file says so. A full
+        checkpoint gets a fresh LoRA whose B matrices are zero, so its function is unchanged
+        and influence is taken over LoRA + head, exactly as for a model trained here.
         """
         path = Path(path)
-        runtime = {"trust_remote_code": trust_remote_code}
-        if layer_cache_mb is not None:
-            runtime["layer_cache_mb"] = layer_cache_mb
+        runtime = {**_runtime_settings(runtime), "trust_remote_code": trust_remote_code}
         if (path / METADATA_FILE).is_file():
             meta = read_json(path / METADATA_FILE, "prefprune model description")
             if meta.get("format_version") != FORMAT_VERSION:
@@ -226,6 +225,14 @@ class RewardModel:
         """Margin m = r(x, y_w) − r(x, y_l) per pair, shape (B,)."""
         rewards = self.rewards(batch)
         return rewards[: batch.size] - rewards[batch.size :]
+
+
+def _runtime_settings(config: RewardModelConfig | None) -> dict[str, Any]:
+    """The settings of ``config`` that change no result (identity=False), by name."""
+    if config is None:
+        return {}
+    return {name: getattr(config, name) for name, f in RewardModelConfig.fields_help().items()
+            if not f.metadata["identity"]}
 
 
 def _saved_config(meta: dict[str, Any], adapter_cfg: dict[str, Any], backbone: str | None,
