@@ -241,3 +241,22 @@ def test_a_conversational_model_scores_and_retrains_with_its_rendering(tmp_path,
     model_meta = json.loads((tmp_path / "exp" / "models" / "seed0" / "prefprune.json")
                             .read_text())
     assert model_meta["config"]["backbone"] == str(backbone)
+
+
+def test_hh_transcripts_are_conversations_for_a_chat_model(tmp_path, tiny_chat_llama):
+    """A backbone with a chat template reads HH turns as user/assistant messages in its own
+    template; the plain rendering keeps the transcript text as it is."""
+    from prefprune.model.loading import load_tokenizer
+
+    source = tmp_path / "hh.jsonl"
+    prompt = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?"
+    write_jsonl(source, [{"chosen": f"{prompt}\n\nAssistant: Knead, rise, bake.",
+                          "rejected": f"{prompt}\n\nAssistant: No."}])
+    plain = load_preferences(source).dataset[0]
+    assert plain["prompt"] + plain["chosen"] == f"{prompt}\n\nAssistant: Knead, rise, bake."
+    rendering = rendering_for(load_tokenizer(str(tiny_chat_llama), False))
+    chat = load_preferences(source, rendering=rendering).dataset[0]
+    assert chat["prompt"].count("<|im_start|>user\n") == 2
+    assert chat["prompt"].endswith("<|im_start|>assistant\n")
+    assert "Human:" not in chat["prompt"] and chat["chosen"].startswith("Knead, rise, bake.")
+    assert chat["rejected"].startswith("No.<|im_end|>")

@@ -19,6 +19,7 @@ raises :class:`RowIssue` with a stable reason, so the loader can keep or report 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from prefprune.data.fields import (
@@ -34,7 +35,13 @@ from prefprune.data.fields import (
     user_id,
     value_of,
 )
-from prefprune.data.messages import common_prefix, explicit_texts, implicit_texts, is_messages
+from prefprune.data.messages import (
+    PLAIN,
+    common_prefix,
+    explicit_texts,
+    implicit_texts,
+    is_messages,
+)
 from prefprune.data.pairwise import PAIRWISE_COLUMNS, convert_pairwise
 from prefprune.data.report import RowIssue
 from prefprune.errors import DataError
@@ -166,17 +173,43 @@ def split_transcript(transcript: str, label: str) -> tuple[str, str]:
 
 
 def convert_hh(record: dict, context: ReadContext, split: str | None) -> Pair:
-    """An HH-RLHF pair of full transcripts that must share the prompt."""
+    """An HH-RLHF pair of full transcripts that must share the prompt.
+
+    With the plain rendering the transcripts are read as they are; a backbone with a chat
+    template reads them as the conversations they are (``Human`` turns as ``user`` messages,
+    ``Assistant`` turns as ``assistant``), rendered with its template like any message list.
+    """
     keys = (context.key("chosen"), context.key("rejected"))
-    prompt, chosen = split_transcript(text_of(record, keys[0], keys[0]), keys[0])
-    other, rejected = split_transcript(text_of(record, keys[1], keys[1]), keys[1])
+    transcripts = (text_of(record, keys[0], keys[0]), text_of(record, keys[1], keys[1]))
+    prompt, chosen = split_transcript(transcripts[0], keys[0])
+    other, rejected = split_transcript(transcripts[1], keys[1])
     if prompt != other:
         at = common_prefix(prompt, other)
         raise RowIssue("hh_prompt_mismatch", keys[1],
                        f"chosen and rejected transcripts differ before the last turn "
                        f"(first difference at character {at})")
+    if context.rendering is not PLAIN:
+        turns = [hh_messages(text, key) for text, key in zip(transcripts, keys)]
+        prompt, chosen, rejected = explicit_texts(
+            [turns[0][:-1], turns[0][-1:], turns[1][-1:]], ("prompt", *keys), context.rendering)
     check_responses(chosen, rejected, keys)
     return make_pair(record, context, split, (prompt, chosen, rejected), set(keys))
+
+
+#: The speaker markers of an HH-RLHF transcript and the chat roles they become.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_messages(transcript: str, label: str) -> list[dict[str, str]]:
+    """An HH transcript as messages; it must start with a turn and end with the assistant."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip() or len(parts) < 3 or parts[-2] != "Assistant":
+        raise RowIssue("hh_prompt_mismatch", label, f"'{label}' is not a sequence of "
+                                                    "Human/Assistant turns ending with the "
+                                                    "assistant")
+    return [{"role": _HH_ROLES[speaker], "content": content}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
 
 
 def convert_generic(record: dict, context: ReadContext, split: str | None) -> Pair:
