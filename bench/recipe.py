@@ -34,7 +34,7 @@ def recipe_config(base: ExperimentConfig, backbone: str, layers: int, rate: floa
         model=base.model.replace(backbone=backbone, lora_layers=layers),
         train=base.train.replace(learning_rate=rate, epochs=epochs),
         influence=InfluenceConfig(scores=("random",)),
-        ensemble=base.ensemble.replace(members=1))
+        ensemble=base.ensemble.replace(members=None))
 
 
 def main() -> None:
