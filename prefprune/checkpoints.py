@@ -9,12 +9,20 @@ gradients (:func:`~prefprune.influence.compute_scores` with ``gradients=``): onl
 validation gradients and the solve are new work, so an ensemble of checkpoints costs little
 more than scoring one model. The members are the checkpoints; the combination and the
 agreement are those of :mod:`prefprune.ensemble`.
+
+The checkpoints a TRL run saved are members the same way (:func:`score_saved_checkpoints`):
+each is loaded and scores every pair, from the gradients
+:class:`~prefprune.integrations.PrefpruneCallback` recorded while it trained when it did, and
+members are weighted by each checkpoint's learning rate, as TracIn-CP sums
+``η_k ∇ℓ(w_k, z)·∇ℓ(w_k, z')`` over checkpoints (docs/trl.md).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,9 @@ from prefprune import distributed
 from prefprune.errors import ConfigError, InfluenceError
 from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.influence.gradients import MarginGradientComputer, PairGradients
+from prefprune.influence.results import ScoreResult
+from prefprune.integrations.records import recorded_gradients
+from prefprune.integrations.trl import SavedCheckpoint, TrlConfig
 from prefprune.model import PairBatch, RewardModel
 
 
@@ -97,3 +108,58 @@ def saved_checkpoints(work_dir: str | Path | None, members: int) -> list[pd.Data
         return None
     paths = [Path(work_dir) / f"checkpoint{k}.parquet" for k in range(members)]
     return [pd.read_parquet(p) for p in paths] if all(p.is_file() for p in paths) else None
+
+
+@dataclass
+class SavedMembers:
+    """The score tables of a run's saved checkpoints, earliest first, their TracIn-CP weights
+    (learning rates) and the sidecar's record of them."""
+
+    tables: list[pd.DataFrame]
+    weights: list[float]
+    record: dict[str, Any]
+
+
+def score_saved_checkpoints(checkpoints: list[SavedCheckpoint], train: Any,
+                            targets: Mapping[str, Any], config: InfluenceConfig, *,
+                            trl: TrlConfig, work_dir: str | Path | None = None,
+                            progress: bool = False) -> SavedMembers:
+    """Score every pair of ``train`` with each of ``checkpoints`` (read as ``trl`` says).
+
+    A checkpoint that holds the callback's record skips the gradient pass over ``train``
+    (only pairs the run had not visited yet are computed); the others take it. Each member's
+    table is saved in ``work_dir`` as it finishes, so a resumed run scores only the rest.
+    """
+    if len(checkpoints) < 2:
+        raise InfluenceError(f"{checkpoints[0].folder}: a checkpoint ensemble needs two or "
+                             "more checkpoints; score a single one with --model")
+    work = Path(work_dir) if work_dir is not None else None
+    members = [_saved_member(saved, train, targets, config, trl, work, progress)
+               for saved in checkpoints]
+    record = {"members": [{**saved.to_dict(), **info} for saved, (_, info) in
+                          zip(checkpoints, members)],
+              "weighting": "learning rate (TracIn-CP)"}
+    return SavedMembers([table for table, _ in members],
+                        [saved.learning_rate for saved in checkpoints], record)
+
+
+def _saved_member(saved: SavedCheckpoint, train: Any, targets: Mapping[str, Any],
+                  config: InfluenceConfig, trl: TrlConfig, work: Path | None,
+                  progress: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One checkpoint's table and how its gradients were had, from ``work`` when saved."""
+    path = work / f"{saved.folder.name}.parquet" if work is not None else None
+    if path is not None and path.is_file():
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return pd.read_parquet(path), meta["checkpoint"]
+    start = time.perf_counter()
+    model = RewardModel.load(saved.folder, trl=trl)
+    usable = config.curvature == "gauss_newton" and config.projection_dim is None
+    given = recorded_gradients(saved.folder, model, train) if usable else None
+    result = compute_scores(model, train, targets, config, progress=progress,
+                            gradients=given[0] if given else None,
+                            work_dir=None if given or work is None else work / saved.folder.name)
+    info = {"gradients": given[1] if given else {"recorded": 0, "computed": len(train)},
+            "seconds": round(time.perf_counter() - start, 2)}
+    if path is not None:
+        ScoreResult(result.table, {**result.metadata, "checkpoint": info}).save(path)
+    return result.table, info

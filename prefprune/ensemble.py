@@ -73,26 +73,43 @@ def ensemble_name(column: str, suffix: str = SUFFIX) -> str:
     return f"{score}{suffix}{at}{target}"
 
 
-def combine(members: Sequence[pd.DataFrame], scores: Sequence[str],
-            how: str = "zscore") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+def combine(members: Sequence[pd.DataFrame], scores: Sequence[str], how: str = "zscore",
+            weights: Sequence[float] | None = None
+            ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Per score: the combined harm, its spread, and the members' agreement.
 
     ``members`` are score tables of the same pairs in the same order (their ``id`` columns
-    must match). Returns ``({column: values}, {score: agreement})``.
+    must match). ``weights`` (default: equal) weigh the members' mean and spread: a TRL run's
+    checkpoints weigh by their learning rates, as TracIn-CP does. Returns
+    ``({column: values}, {score: agreement})``.
     """
     ids = members[0]["id"].tolist()
     for table in members[1:]:
         if table["id"].tolist() != ids:
             raise ValueError("ensemble members must score the same pairs in the same order")
+    share = np.ones(len(members)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(share) != len(members) or not (share >= 0).all() or share.sum() <= 0:
+        raise ValueError("ensemble weights must be one non-negative number per member, "
+                         "not all zero")
+    share = share / share.sum()
     columns: dict[str, np.ndarray] = {}
     agreement: dict[str, dict[str, float]] = {}
     for score in ensembled(scores):
         stack = np.stack([table[score].to_numpy(dtype=np.float64) for table in members])
         scaled = _standardise(stack) if how == "zscore" else _rank_harm(stack)
-        columns[ensemble_name(score)] = scaled.mean(axis=0)
-        columns[ensemble_name(score, SPREAD)] = scaled.std(axis=0, ddof=1)
+        mean = share @ scaled
+        columns[ensemble_name(score)] = mean
+        columns[ensemble_name(score, SPREAD)] = _spread(scaled, mean, share)
         agreement[score] = member_agreement(stack)
     return columns, agreement
+
+
+def _spread(scaled: np.ndarray, mean: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Per-pair standard deviation across members, weighted by ``share`` (summing to one);
+    with equal shares it is the sample standard deviation (ddof=1)."""
+    unbiased = 1.0 - float((share**2).sum())
+    variance = share @ (scaled - mean) ** 2 / unbiased if unbiased > 0 else 0.0 * mean
+    return np.sqrt(variance)
 
 
 def add_columns(table: pd.DataFrame, columns: dict[str, np.ndarray]) -> pd.DataFrame:

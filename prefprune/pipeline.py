@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 
 from prefprune import distributed
-from prefprune.checkpoints import CheckpointCapture
+from prefprune.checkpoints import CheckpointCapture, score_saved_checkpoints
 from prefprune.data import (
     DEFAULT_SPLIT_FRACTIONS,
     PLAIN,
@@ -38,6 +38,13 @@ from prefprune.errors import DataError, StaleDataWarning
 from prefprune.files import check_folder, check_output_file, claim_folder
 from prefprune.influence.config import InfluenceConfig
 from prefprune.influence.results import ScoreResult, is_score_sidecar, is_score_table, sidecar_of
+from prefprune.integrations.trl import (
+    TrlConfig,
+    TrlPairEncoder,
+    as_trl_read,
+    final_model,
+    saved_checkpoints,
+)
 from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
 from prefprune.model.loading import (
     default_backbone,
@@ -275,11 +282,13 @@ def evaluate_saved(
     device: str = "auto",
     progress: bool = True,
     trust_remote_code: bool = False,
+    trl: TrlConfig | None = None,
 ) -> EvalResult:
-    """Load a saved reward model and evaluate it on ``split`` of ``data`` (or on a dataset)."""
+    """Load a saved reward model and evaluate it on ``split`` of ``data`` (or on a dataset);
+    ``trl`` says what a TRL output folder's files cannot (docs/trl.md)."""
     pairs = data if isinstance(data, datasets.Dataset) else _split_of(data, split)
     target = resolve_device(device)
-    model = RewardModel.load(model_path, trust_remote_code=trust_remote_code).to(target)
+    model = RewardModel.load(model_path, trust_remote_code=trust_remote_code, trl=trl).to(target)
     return evaluate(model, pairs, progress=progress)
 
 
@@ -363,6 +372,7 @@ def score_pairs(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    trl: TrlConfig | None = None,
 ) -> ScoreOutcome:
     """Score every training pair of ``data`` against its validation split.
 
@@ -372,7 +382,13 @@ def score_pairs(
     ones the saved model records. With ``output`` the table and sidecar are written there;
     intermediate shards go to ``work_dir`` (default: ``<output>.work``) so that an interrupted
     run, started again, resumes. Outputs are checked before any work starts.
+
+    A TRL output folder is read as TRL read its pairs, ``trl`` saying what its files cannot;
+    ``trl.checkpoints`` scores with each checkpoint the run saved and combines them (a
+    checkpoint ensemble; the model defaults to the run's final one), see docs/trl.md.
     """
+    if model is None and trl is not None and trl.checkpoints:
+        model = final_model(trl.checkpoints)
     model_path = None if model is None or isinstance(model, RewardModel) else Path(model)
     if output is not None:
         check_score_output(output, overwrite=overwrite, inputs=[data.source, model_path])
@@ -395,17 +411,32 @@ def score_pairs(
         model = trained.model
     elif model_path is not None:
         model = RewardModel.load(model_path, runtime=model_config or RewardModelConfig(),
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=trust_remote_code, trl=trl)
     _warn_if_other_data(model, data)
     if work_dir is not None and distributed.is_main_process():
         claim_folder(work_dir, "score-work", resume=True)
+    train, read_as_trl, saved = data.splits["train"], None, None
+    if isinstance(model.encoder, TrlPairEncoder):
+        train, targets, read_as_trl = as_trl_read(model.encoder, train, targets)
+    if trl is not None and trl.checkpoints:
+        saved = score_saved_checkpoints(
+            saved_checkpoints(trl.checkpoints), train, targets, influence_config, trl=trl,
+            work_dir=None if work_dir is None else Path(work_dir) / "checkpoints",
+            progress=progress)
+        ensemble = ensemble.replace(members=len(saved.tables), kind="checkpoints")
     recorded = model.metadata.get("train_config")
     result = score_training_pairs(
-        model, data.splits["train"], targets, influence_config,
+        model, train, targets, influence_config,
         ensemble=ensemble, model_config=model.config,
         train_config=train_config or (TrainConfig.from_dict(recorded) if recorded else None),
         cache=model.layer_cache, work_dir=work_dir, progress=progress,
-        checkpoints=trained.capture.tables if trained and trained.capture else None)
+        checkpoints=saved.tables if saved else
+        trained.capture.tables if trained and trained.capture else None,
+        checkpoint_weights=saved.weights if saved else None)
+    if read_as_trl is not None:
+        result.metadata["trl"] = read_as_trl
+    if saved is not None:
+        result.metadata["checkpoints"] = saved.record
     result.metadata["source"] = data.source
     result.metadata["source_fingerprint"] = data.source_fingerprint
     result.metadata["influence_target"] = data.origins.get("validation")

@@ -37,13 +37,15 @@ def score_training_pairs(
     work_dir: str | Path | None = None,
     progress: bool = True,
     checkpoints: list[pd.DataFrame] | None = None,
+    checkpoint_weights: list[float] | None = None,
 ) -> ScoreResult:
     """Every requested score of every pair of ``train`` (see the module docstring).
 
     ``model`` was trained on ``train`` with ``train_config`` (its seed is the base seed);
     seed-ensemble members and fold models are trained the same way from ``model_config``. A
     checkpoint ensemble's members are the ``checkpoints`` tables its training captured
-    (:class:`~prefprune.checkpoints.CheckpointCapture`).
+    (:class:`~prefprune.checkpoints.CheckpointCapture`), or of a TRL run's saved checkpoints,
+    weighted by ``checkpoint_weights`` (:func:`~prefprune.checkpoints.score_saved_checkpoints`).
     """
     ensemble = ensemble or EnsembleConfig()
     train_config = train_config or TrainConfig()
@@ -64,7 +66,7 @@ def score_training_pairs(
                 _member_table(k, seed, train, targets, influence, model_config, train_config,
                               cache, work, progress) for k, seed in enumerate(seeds) if k]
         columns, agreement = combine(members, ensembled(ranked_columns(table)),
-                                     ensemble.combine)
+                                     ensemble.combine, checkpoint_weights)
         table = add_columns(table, columns)
         meta["ensemble"] = {**ensemble.to_dict(), "seeds": seeds, "agreement": agreement}
     if "oof" in influence.scores:

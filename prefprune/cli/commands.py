@@ -27,6 +27,7 @@ from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import ExperimentConfig
 from prefprune.influence import InfluenceConfig
+from prefprune.integrations.trl import TrlConfig, final_model, trl_reading
 from prefprune.model import PairEncoder, RewardModelConfig
 from prefprune.model.loading import default_backbone, load_tokenizer
 from prefprune.pipeline import (
@@ -110,6 +111,10 @@ TRUST = OptionGroup("trust_config", RewardModelConfig, "Model options",
 TARGET = OptionGroup("target_config", ExperimentConfig, "Validation target options",
                      only=frozenset({"validation", "allow_overlap"}))
 PRUNE = OptionGroup("prune_config", PruneConfig, "Pruning options")
+CHECKPOINTS = OptionGroup("checkpoint_config", TrlConfig, "Model options",
+                          only=frozenset({"checkpoints"}))
+TRL = OptionGroup("trl_config", TrlConfig, "TRL options", only=frozenset({"max_length", "data"}),
+                  prefix="trl")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
                                                        "of tables.")]
@@ -195,13 +200,14 @@ def train_command(
 
 
 @app.command("evaluate")
-@with_options(DATA, DEVICE, TRUST)
+@with_options(DATA, DEVICE, TRUST, TRL)
 def evaluate_command(
     model: Annotated[Path, typer.Argument(help="A saved reward model directory (prefprune, a "
                                                "PEFT adapter or a full checkpoint).")],
     data_options: dict[str, Any],
     device_config: dict[str, Any],
     trust_config: dict[str, Any],
+    trl_config: dict[str, Any],
     data: DataArg = None,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
     seed: Annotated[int | None, typer.Option(
@@ -214,10 +220,13 @@ def evaluate_command(
     device = check_device(DEVICE.build(device_config).device)
     trust_remote_code = TRUST.build(trust_config).trust_remote_code
     split_seed = recorded_seed(model) if seed is None else seed
+    reader, trl = trl_reading(model, data, _data(data_options),
+                              rendering_of(model, trust_remote_code=trust_remote_code),
+                              TRL.build(trl_config))
     prepared = prepare_data(data, seed=split_seed, options=_data(data_options),
-                            rendering=rendering_of(model, trust_remote_code=trust_remote_code))
+                            rendering=reader)
     result = evaluate_saved(model, prepared, split, device=device, progress=not quiet,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, trl=trl)
     if not distributed.is_main_process():
         return
     if json_output:
@@ -228,7 +237,7 @@ def evaluate_command(
 
 
 @app.command("score")
-@with_options(DATA, VALIDATION, TARGET, MODEL, TRAIN, INFLUENCE, ENSEMBLE)
+@with_options(DATA, VALIDATION, TARGET, MODEL, TRAIN, INFLUENCE, ENSEMBLE, CHECKPOINTS, TRL)
 def score_command(
     output: Annotated[Path, typer.Option(help="Parquet file for the scores; a JSON sidecar "
                                               "with the run's metadata is written beside it.")],
@@ -239,10 +248,13 @@ def score_command(
     train_config: dict[str, Any],
     influence_config: dict[str, Any],
     ensemble_config: dict[str, Any],
+    checkpoint_config: dict[str, Any],
+    trl_config: dict[str, Any],
     data: DataArg = None,
     model: Annotated[Path | None, typer.Option(
-        help="A trained reward model directory. Omitted: train one first with the model and "
-             "training options.")] = None,
+        help="A trained reward model directory (prefprune, a PEFT adapter, a full checkpoint "
+             "or a TRL output folder). Omitted: the --checkpoints run's final model, else "
+             "train one first with the model and training options.")] = None,
     target_column: Annotated[str | None, typer.Option(
         help="Also score against each value of this validation column (e.g. subreddit).")] = None,
     work_dir: Annotated[Path | None, typer.Option(
@@ -256,11 +268,16 @@ def score_command(
     The random score and any subsampling are seeded by --seed."""
     train = TRAIN.build(train_config)
     check_device(train.device)
+    trl = TRL.build(trl_config, base=CHECKPOINTS.build(checkpoint_config))
+    if model is None and trl.checkpoints:
+        model = final_model(trl.checkpoints)
     seed = recorded_seed(model) if model is not None else train.seed
     influence = apply(INFLUENCE.build(influence_config), {"seed": seed})
     model_settings = MODEL.build(model_config)
-    reader = rendering_of(model if model is not None else model_settings,
-                          trust_remote_code=model_settings.trust_remote_code)
+    reader, trl = trl_reading(model, data, _data(data_options),
+                              rendering_of(model if model is not None else model_settings,
+                                           trust_remote_code=model_settings.trust_remote_code),
+                              trl)
     target = TARGET.build(target_config)
     prepared = prepare_data(data, seed=seed, options=_data(data_options), rendering=reader,
                             validation=target.validation,
@@ -271,7 +288,8 @@ def score_command(
                           ensemble=ENSEMBLE.build(ensemble_config),
                           target_column=target_column, output=output,
                           work_dir=work_dir, overwrite=overwrite, progress=not quiet,
-                          trust_remote_code=model_settings.trust_remote_code)
+                          trust_remote_code=model_settings.trust_remote_code,
+                          trl=trl)
     if not distributed.is_main_process():
         return
     meta = outcome.result.metadata

@@ -266,8 +266,14 @@ def freeze_head_bias(model: nn.Module) -> None:
     margin: its gradient is rounding noise that Adam would turn into real steps, and it adds a
     zero-curvature direction to H. It is not part of θ."""
     for name, param in model.named_parameters():
-        if name.endswith(".modules_to_save.default.bias"):
+        if is_head_bias(name):
             param.requires_grad_(False)
+
+
+def is_head_bias(name: str) -> bool:
+    """Whether parameter ``name`` of a PEFT model is the trained head's bias, which θ leaves
+    out (see :func:`freeze_head_bias`); a model trained elsewhere may have trained it."""
+    return name.endswith(".modules_to_save.default.bias")
 
 
 @contextmanager

@@ -19,6 +19,12 @@ from torch import nn
 
 from prefprune.errors import ConfigError, ModelError
 from prefprune.files import MARKER, check_folder, mark, replacing_entries, write_json_atomic
+from prefprune.integrations.trl import (
+    TrlConfig,
+    TrlPairEncoder,
+    read_trl_output,
+    trl_tokenization,
+)
 from prefprune.model.backbones import resolve_backbone
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import EncodingStats, PairBatch, PairEncoder
@@ -91,9 +97,9 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None,
              trust_remote_code: bool = False, runtime: RewardModelConfig | None = None,
-             cache: FrozenLayerCache | None = None) -> RewardModel:
+             cache: FrozenLayerCache | None = None, trl: TrlConfig | None = None) -> RewardModel:
         """Load a reward model saved by prefprune, a PEFT adapter directory, or a full
-        sequence-classification checkpoint (e.g. the output of TRL's ``RewardTrainer``).
+        sequence-classification checkpoint.
 
         ``backbone`` overrides the base model recorded in the directory; the runtime settings
         of ``runtime`` (the caches and their budgets: what does not change results) replace
@@ -101,24 +107,36 @@ class RewardModel:
         code runs only with ``trust_remote_code=True``, never because a file says so. A full
         checkpoint gets a fresh LoRA whose B matrices are zero, so its function is unchanged
         and influence is taken over LoRA + head, exactly as for a model trained here.
+
+        A TRL output folder (its model card says so) loads its final model, or its latest
+        checkpoint when the run saved none, and reads pairs as TRL did
+        (:mod:`prefprune.integrations.trl`); ``trl`` says what its files cannot.
         """
         path = Path(path)
+        run = read_trl_output(path)
+        folder = run.model_folder if run is not None else path
         runtime = {**_runtime_settings(runtime), "trust_remote_code": trust_remote_code}
-        if (path / METADATA_FILE).is_file():
-            meta = read_json(path / METADATA_FILE, "prefprune model description")
+        if (folder / METADATA_FILE).is_file():
+            meta = read_json(folder / METADATA_FILE, "prefprune model description")
             if meta.get("format_version") != FORMAT_VERSION:
-                raise ModelError(f"{path / METADATA_FILE}: unsupported format_version "
+                raise ModelError(f"{folder / METADATA_FILE}: unsupported format_version "
                                  f"{meta.get('format_version')!r}")
-            return cls._from_adapter(path / "adapter", path / "tokenizer", backbone, runtime,
-                                     meta, cache)
-        if (path / "adapter_config.json").is_file():
-            return cls._from_adapter(path, path, backbone, runtime, {}, cache)
-        if (path / "config.json").is_file():
-            return cls.create(RewardModelConfig(backbone=str(path), **runtime), cache=cache)
-        raise ModelError(
-            f"{path}: not a reward model directory (expected {METADATA_FILE}, "
-            "adapter_config.json or config.json)"
-        )
+            return cls._from_adapter(folder / "adapter", folder / "tokenizer", backbone,
+                                     runtime, meta, cache)
+        if (folder / "adapter_config.json").is_file():
+            loaded = cls._from_adapter(folder, folder, backbone, runtime, {}, cache)
+        elif (folder / "config.json").is_file():
+            loaded = cls.create(RewardModelConfig(backbone=str(folder), **runtime), cache=cache)
+        else:
+            raise ModelError(
+                f"{path}: not a reward model directory (expected {METADATA_FILE}, "
+                "adapter_config.json or config.json)"
+            )
+        if run is not None:
+            recipe = trl_tokenization(run, loaded.tokenizer, loaded.model, trl or TrlConfig())
+            loaded.encoder = TrlPairEncoder(loaded.tokenizer, recipe)
+            loaded.metadata["trl"] = recipe.to_dict()
+        return loaded
 
     @classmethod
     def _from_adapter(cls, adapter: Path, tokenizer_dir: Path, backbone: str | None,
@@ -245,6 +263,8 @@ def _saved_config(meta: dict[str, Any], adapter_cfg: dict[str, Any], backbone: s
     values = {k: v for k, v in saved.items() if k in known}
     if values.get("lora_layers", 0) is None:  # folders saved before 0 meant "all layers"
         values["lora_layers"] = 0
+    if "lora_layers" not in values:  # an adapter trained elsewhere (TRL): the layers it adapts
+        values["lora_layers"] = len(adapter_cfg.get("layers_to_transform") or ())
     values.update({
         "backbone": backbone or saved.get("backbone") or adapter_cfg.get("base_model_name_or_path"),
         "lora_r": adapter_cfg.get("r", 8),
