@@ -268,10 +268,8 @@ def frozen_layer_summary(model: RewardModel) -> dict[str, Any] | None:
     """How many sequences went through the frozen layers in this process and how many were
     read from RAM or from the feature store on disk (None without the cache); the features
     computed so far are written to disk first."""
-    if model.layer_cache is None:
-        return None
-    model.layer_cache.flush()
-    return model.layer_cache.summary()
+    model.flush()
+    return None if model.layer_cache is None else model.layer_cache.summary()
 
 
 def evaluate_saved(

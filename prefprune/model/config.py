@@ -29,6 +29,13 @@ class RewardModelConfig(Settings):
 
     section: ClassVar[str] = "model"
 
+    objective: str = setting(
+        "reward", choices=("reward", "dpo"),
+        help="reward: a reward model (a scalar head on the backbone, Bradley–Terry loss); dpo: "
+             "a DPO policy (the backbone as a causal LM, its implicit reward "
+             "β·log(π/π_ref) in the same loss).")
+    beta: float = setting(0.1, above=0.0, help="DPO's β: the scale of the implicit reward "
+                                               "(--objective dpo).")
     backbone: str | None = setting(
         None, help="Backbone: a local directory or a hub model name. Default: the offline "
                    "all-MiniLM-L6-v2.")
@@ -71,9 +78,10 @@ class RewardModelConfig(Settings):
             raise ConfigError("target_modules", "must name at least one module (or be null "
                                                 "to detect them)")
 
-    def feature_cache_location(self) -> Path | None:
-        """The feature cache's folder, or None when it is off."""
+    def feature_store(self) -> tuple[Path, float] | None:
+        """The feature cache's folder and disk budget, or None when it is off."""
         if self.feature_cache is None:
             return None
-        return default_feature_root() if self.feature_cache == "auto" \
+        root = default_feature_root() if self.feature_cache == "auto" \
             else Path(self.feature_cache).expanduser()
+        return root, self.feature_cache_mb

@@ -44,13 +44,17 @@ class Truncation:
 
 @dataclass
 class PairBatch:
-    """A batch of B pairs as 2B rows: rows [0, B) are chosen, rows [B, 2B) rejected."""
+    """A batch of B pairs as 2B rows: rows [0, B) are chosen, rows [B, 2B) rejected.
+    ``completion_mask`` marks the response tokens of each row, for objectives that score
+    the response alone (DPO)."""
 
     inputs: dict[str, torch.Tensor]
     size: int
+    completion_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch({k: v.to(device) for k, v in self.inputs.items()}, self.size)
+        mask = None if self.completion_mask is None else self.completion_mask.to(device)
+        return PairBatch({k: v.to(device) for k, v in self.inputs.items()}, self.size, mask)
 
     @property
     def tokens(self) -> int:

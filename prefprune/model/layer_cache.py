@@ -127,11 +127,10 @@ class FrozenLayerCache:
     def for_config(cls, config: RewardModelConfig) -> FrozenLayerCache | None:
         """The cache a model built from ``config`` uses: None when every layer trains or
         both the RAM and the disk cache are off."""
-        features = config.feature_cache_location()
+        features = config.feature_store()
         if config.lora_layers == 0 or (config.layer_cache_mb == 0 and features is None):
             return None
-        return cls(config.layer_cache_mb,
-                   features=None if features is None else (features, config.feature_cache_mb))
+        return cls(config.layer_cache_mb, features=features)
 
     def bind(self, backbone: str, model: nn.Module) -> int:
         """Check that ``model`` can use this cache; return its first adapted layer. The

@@ -114,22 +114,37 @@ def load_backbone(source: str | None, config: RewardModelConfig,
     """
     from transformers import AutoModelForSequenceClassification
 
+    model = _from_pretrained(AutoModelForSequenceClassification, source, config, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def load_causal_lm(source: str | None, config: RewardModelConfig) -> nn.Module:
+    """A causal language model (a DPO policy's base) from safetensors weights."""
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, source, config)
+
+
+def _from_pretrained(auto: Any, source: str | None, config: RewardModelConfig,
+                     **extra: Any) -> nn.Module:
+    """``auto.from_pretrained`` with prefprune's rules: safetensors only, remote code only from
+    the user's flag, local folders offline, one error line, no KV cache."""
     folder = resolve_backbone(source)
     _refuse_pickle(Path(folder))
     try:
         with quiet_transformers():  # the "head newly initialised" notice is expected here
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = auto.from_pretrained(
                 folder,
-                num_labels=1,
                 use_safetensors=True,
                 trust_remote_code=config.trust_remote_code,
                 attn_implementation=config.attn_implementation,
                 local_files_only=Path(folder).is_dir(),
+                **extra,
             )
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelError(f"cannot load backbone {_where(folder)}: {_one_line(exc)}") from exc
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     return model
 
@@ -145,7 +160,8 @@ def _refuse_pickle(folder: Path) -> None:
 
 
 def attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
-    """Wrap ``model`` in a fresh LoRA adapter with a trainable head (seeded by the caller)."""
+    """Wrap ``model`` in a fresh LoRA adapter (seeded by the caller); a reward model's scalar
+    head trains too, a DPO policy's LM head stays frozen."""
     from peft import LoraConfig, get_peft_model
 
     targets = config.target_modules or detect_target_modules(model)
@@ -154,7 +170,7 @@ def attach_lora(model: nn.Module, config: RewardModelConfig) -> nn.Module:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(targets),
-        modules_to_save=[head_name(model)],
+        modules_to_save=[head_name(model)] if config.objective == "reward" else None,
         fan_in_fan_out="c_attn" in targets,  # GPT-2's Conv1D stores weights transposed
         **_layer_selection(model, config.lora_layers),
     )

@@ -68,31 +68,55 @@ class RewardModel:
     (:mod:`prefprune.model.pooling`).
     """
 
+
     def __init__(self, model: nn.Module, tokenizer: Any, config: RewardModelConfig, *,
                  cache: FrozenLayerCache | None = None) -> None:
-        read_rewards_at_last_token(model)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.encoder = PairEncoder(tokenizer, config.max_length)
+        self._prepare(model)
+        self.encoder = self._make_encoder(tokenizer)
         self.metadata: dict[str, Any] = {}
         self.layer_cache: FrozenLayerCache | None = None
         if config.lora_layers > 0:
             self.use_layer_cache(cache or FrozenLayerCache.for_config(config))
+
+    # --- what makes an objective --------------------------------------------------------
+
+    def _prepare(self, model: nn.Module) -> None:
+        """A reward is read at each row's last real token (:mod:`prefprune.model.pooling`)."""
+        read_rewards_at_last_token(model)
+
+    def _make_encoder(self, tokenizer: Any) -> PairEncoder:
+        return PairEncoder(tokenizer, self.config.max_length)
+
+    @classmethod
+    def _base_model(cls, source: str, config: RewardModelConfig, tokenizer: Any) -> nn.Module:
+        """The backbone this objective adapts: one with a fresh scalar head."""
+        return load_backbone(source, config, tokenizer.pad_token_id)
+
+    @classmethod
+    def implementation(cls, objective: str) -> type[RewardModel]:
+        """The class of ``objective`` (``reward`` or ``dpo``)."""
+        from prefprune.model.policy import DPOPolicy  # the DPO policy builds on this class
+
+        return {"reward": RewardModel, "dpo": DPOPolicy}[objective]
 
     # --- construction -------------------------------------------------------------------
 
     @classmethod
     def create(cls, config: RewardModelConfig | None = None, *, seed: int = 0,
                cache: FrozenLayerCache | None = None) -> RewardModel:
-        """Load the backbone, attach LoRA and a fresh head, all seeded by ``seed``."""
+        """Load the backbone, attach LoRA (and a fresh head), all seeded by ``seed``; the
+        config's objective says which model it is."""
         config = config or RewardModelConfig()
+        impl = cls.implementation(config.objective)
         source = resolve_backbone(config.backbone)
         tokenizer = load_tokenizer(source, config.trust_remote_code)
         seed_everything(seed)
-        model = attach_lora(load_backbone(source, config, tokenizer.pad_token_id), config)
+        model = attach_lora(impl._base_model(source, config, tokenizer), config)
         model.eval()
-        return cls(model, tokenizer, config, cache=cache)
+        return impl(model, tokenizer, config, cache=cache)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None,
@@ -143,17 +167,18 @@ class RewardModel:
                       runtime: dict[str, Any], meta: dict[str, Any],
                       cache: FrozenLayerCache | None) -> RewardModel:
         adapter_cfg = read_json(adapter / "adapter_config.json", "adapter config")
-        if not adapter_cfg.get("modules_to_save"):
+        config = _saved_config(meta, adapter_cfg, backbone, runtime, adapter)
+        if config.objective == "reward" and not adapter_cfg.get("modules_to_save"):
             raise ModelError(f"{adapter}: the adapter has no trained scoring head "
                              "(modules_to_save is empty), so its rewards are undefined")
-        config = _saved_config(meta, adapter_cfg, backbone, runtime, adapter)
+        impl = cls.implementation(config.objective)
         source = resolve_backbone(config.backbone)
         tok_source = str(tokenizer_dir) if (tokenizer_dir / "tokenizer_config.json").is_file() \
             else source
         tokenizer = load_tokenizer(tok_source, config.trust_remote_code)
-        model = load_adapter(load_backbone(source, config, tokenizer.pad_token_id), adapter)
+        model = load_adapter(impl._base_model(source, config, tokenizer), adapter)
         model.eval()
-        loaded = cls(model, tokenizer, config, cache=cache)
+        loaded = impl(model, tokenizer, config, cache=cache)
         loaded.metadata = meta.get("metadata", {})
         return loaded
 
@@ -230,6 +255,11 @@ class RewardModel:
             except ValueError as exc:
                 raise ModelError(f"cannot cache the frozen layers: {exc}") from exc
         self.layer_cache = cache
+
+    def flush(self) -> None:
+        """Write what the caches computed so far to disk (the frozen-layer features)."""
+        if self.layer_cache is not None:
+            self.layer_cache.flush()
 
     def rewards(self, batch: PairBatch) -> torch.Tensor:
         """Scalar reward per row, shape (2B,), the same for a row whatever batch it is in and
