@@ -119,7 +119,8 @@ def completion_logps(hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.
     gave each of them. The hidden state at position t predicts token t+1, so only positions
     followed by a response token are projected through the LM head."""
     rows, positions = completion_mask[:, 1:].nonzero(as_tuple=True)
-    logits = lm_head(hidden[rows, positions]).float()
+    logits = lm_head(hidden[rows, positions])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast
     targets = input_ids[rows, positions + 1]
     token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
     return torch.zeros(input_ids.shape[0], dtype=token_logps.dtype,
