@@ -33,7 +33,7 @@ from prefprune import distributed
 from prefprune.errors import ConfigError, InfluenceError
 from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.influence.gradients import MarginGradientComputer, PairGradients
-from prefprune.influence.results import ScoreResult
+from prefprune.influence.results import ScoreResult, model_fingerprint
 from prefprune.integrations.records import recorded_gradients
 from prefprune.integrations.trl import SavedCheckpoint, TrlConfig
 from prefprune.model import PairBatch, RewardModel
@@ -123,18 +123,23 @@ class SavedMembers:
 def score_saved_checkpoints(checkpoints: list[SavedCheckpoint], train: Any,
                             targets: Mapping[str, Any], config: InfluenceConfig, *,
                             trl: TrlConfig, work_dir: str | Path | None = None,
+                            model: RewardModel | None = None, model_work: Path | None = None,
                             progress: bool = False) -> SavedMembers:
     """Score every pair of ``train`` with each of ``checkpoints`` (read as ``trl`` says).
 
     A checkpoint that holds the callback's record skips the gradient pass over ``train``
-    (only pairs the run had not visited yet are computed); the others take it. Each member's
-    table is saved in ``work_dir`` as it finishes, so a resumed run scores only the rest.
+    (only pairs the run had not visited yet are computed); the others take it. A checkpoint
+    with the weights of ``model`` (the one being scored: a run's last checkpoint is its final
+    model) is scored with fresh gradients into ``model_work``, where scoring ``model`` itself
+    then finds its passes done. Each member's table is saved in ``work_dir`` as it finishes,
+    so a resumed run scores only the rest.
     """
     if len(checkpoints) < 2:
         raise InfluenceError(f"{checkpoints[0].folder}: a checkpoint ensemble needs two or "
                              "more checkpoints; score a single one with --model")
     work = Path(work_dir) if work_dir is not None else None
-    members = [_saved_member(saved, train, targets, config, trl, work, progress)
+    scored = (model, model_fingerprint(model), model_work) if model is not None else None
+    members = [_saved_member(saved, train, targets, config, trl, work, scored, progress)
                for saved in checkpoints]
     record = {"members": [{**saved.to_dict(), **info} for saved, (_, info) in
                           zip(checkpoints, members)],
@@ -145,6 +150,7 @@ def score_saved_checkpoints(checkpoints: list[SavedCheckpoint], train: Any,
 
 def _saved_member(saved: SavedCheckpoint, train: Any, targets: Mapping[str, Any],
                   config: InfluenceConfig, trl: TrlConfig, work: Path | None,
+                  scored: tuple[RewardModel, str, Path | None] | None,
                   progress: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One checkpoint's table and how its gradients were had, from ``work`` when saved."""
     path = work / f"{saved.folder.name}.parquet" if work is not None else None
@@ -153,13 +159,15 @@ def _saved_member(saved: SavedCheckpoint, train: Any, targets: Mapping[str, Any]
         return pd.read_parquet(path), meta["checkpoint"]
     start = time.perf_counter()
     model = RewardModel.load(saved.folder, trl=trl)
+    shared = scored is not None and model_fingerprint(model) == scored[1]
     usable = config.curvature == "gauss_newton" and config.projection_dim is None
-    given = recorded_gradients(saved.folder, model, train) if usable else None
-    result = compute_scores(model, train, targets, config, progress=progress,
-                            gradients=given[0] if given else None,
-                            work_dir=None if given or work is None else work / saved.folder.name)
+    given = recorded_gradients(saved.folder, model, train) if usable and not shared else None
+    own_work = None if given or work is None else work / saved.folder.name
+    result = compute_scores(scored[0] if shared else model, train, targets, config,
+                            progress=progress, gradients=given[0] if given else None,
+                            work_dir=scored[2] if shared else own_work)
     info = {"gradients": given[1] if given else {"recorded": 0, "computed": len(train)},
-            "seconds": round(time.perf_counter() - start, 2)}
+            "same_as_scored_model": shared, "seconds": round(time.perf_counter() - start, 2)}
     if path is not None:
         ScoreResult(result.table, {**result.metadata, "checkpoint": info}).save(path)
     return result.table, info

@@ -420,6 +420,8 @@ def score_pairs(
         saved = score_saved_checkpoints(
             saved_checkpoints(trl.checkpoints), train, targets, influence_config, trl=trl,
             work_dir=None if work_dir is None else Path(work_dir) / "checkpoints",
+            model=model,  # its own passes are score_training_pairs' "base" shards
+            model_work=None if work_dir is None else Path(work_dir) / "base",
             progress=progress)
         ensemble = ensemble.replace(members=len(saved.tables), kind="checkpoints")
     recorded = model.metadata.get("train_config")

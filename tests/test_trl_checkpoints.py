@@ -77,8 +77,10 @@ def test_score_checkpoints_combines_recorded_members_by_learning_rate(recorded_r
     assert result.exit_code == 0, result.output
     meta = json.loads(out.with_suffix(".json").read_text())
     members = meta["checkpoints"]["members"]
-    assert [m["gradients"]["recorded"] for m in members] == [8, 8]
-    assert [m["gradients"]["computed"] for m in members] == [0, 0]
+    # the last checkpoint is the final model: scored once, with fresh gradients
+    assert [m["same_as_scored_model"] for m in members] == [False, True]
+    assert [m["gradients"]["recorded"] for m in members] == [8, 0]
+    assert meta["pairs_through_gradient_passes"] == 0  # ... and not again as the model
     assert meta["ensemble"]["kind"] == "checkpoints" and meta["ensemble"]["members"] == 2
     assert set(meta["ensemble"]["agreement"]) == {"if", "grad_cos", "loss"}
     table = pd.read_parquet(out)
@@ -87,6 +89,7 @@ def test_score_checkpoints_combines_recorded_members_by_learning_rate(recorded_r
                               f"checkpoint-{k}.parquet") for k in (1, 2)]
     z = np.stack([(t["if"] - t["if"].mean()) / t["if"].std(ddof=0) for t in tables])
     np.testing.assert_allclose(table["if_ens"], weights @ z / weights.sum(), atol=1e-9)
+    np.testing.assert_allclose(table["if"], tables[1]["if"], rtol=1e-6)
 
 
 def test_a_checkpoint_without_a_record_is_scored_afresh_and_equals_scoring_it_alone(
