@@ -154,6 +154,18 @@ def test_score_command_reads_the_run_as_trl_did_and_says_so(tiny_chat_llama, tmp
     np.testing.assert_allclose(table["margin"], [expected[i] for i in table["id"]], atol=1e-4)
 
 
+def test_evaluate_reads_the_run_as_trl_did(tiny_chat_llama, tmp_path):
+    rows = conversational_rows()
+    source = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    expected = trl_margins(train_trl(tiny_chat_llama, rows, tmp_path / "run"))
+    result = run_cli("evaluate", str(tmp_path / "run"), str(source), "--split", "train",
+                     "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]["train"]
+    assert metrics["pairs"] == len(expected)
+    assert metrics["margin_mean"] == pytest.approx(np.mean(list(expected.values())), abs=1e-4)
+
+
 def test_pairs_over_max_length_are_left_out_as_trl_left_them_out(tiny_chat_llama, tmp_path):
     rows = plain_rows()
     rows[0]["chosen"] += " and a much longer tail" * 8
