@@ -48,21 +48,20 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def train_trl(backbone: Path, rows: list[dict], out: Path, *, callbacks: tuple = (),
-              epochs: int = 2, save_steps: int = 2, resume: bool = False,
+              epochs: int = 2, save_steps: int = 2, resume: bool = False, lora: bool = True,
               **config) -> RewardTrainer:
-    """The real RewardTrainer, LoRA on the attention projections, a few CPU steps on the
-    ``train`` rows; checkpoints every ``save_steps`` and the final model saved (``resume``:
-    from the latest checkpoint in ``out``)."""
+    """The real RewardTrainer, LoRA on the attention projections (or every weight), a few CPU
+    steps on the ``train`` rows; checkpoints every ``save_steps`` and the final model saved
+    (``resume``: from the latest checkpoint in ``out``)."""
     train = datasets.Dataset.from_list([r for r in rows if r["split"] == "train"])
     targets = ["query", "value"] if "bert" in backbone.name else ["q_proj", "v_proj"]
     args = RewardConfig(output_dir=str(out), per_device_train_batch_size=4,
                         num_train_epochs=epochs, learning_rate=2e-2, save_steps=save_steps,
                         logging_steps=1, report_to=[], use_cpu=True, seed=0,
                         disable_tqdm=True, bf16=False, **config)
+    peft = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets)
     trainer = RewardTrainer(model=str(backbone), args=args, train_dataset=train,
-                            peft_config=LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                   target_modules=targets),
-                            callbacks=list(callbacks))
+                            peft_config=peft if lora else None, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model()
     return trainer
@@ -103,6 +102,8 @@ CASES = {
     "conversational-chat-llama": ("chat", conversational_rows, {}),
     # a pooled head, a WordPiece pair of [CLS]/[SEP] and no token types; TRL needs its eos
     "plain-bert": ("bert", plain_rows, {"eos_token": "[SEP]"}),
+    # full weights: prefprune adds a zero LoRA, which leaves the function as TRL trained it
+    "full-weights-plain-chat-llama": ("chat", plain_rows, {"lora": False}),
 }
 
 
