@@ -3,8 +3,9 @@
 One ``torchrun --standalone --nproc-per-node 2`` launch (a free port is picked by the c10d
 rendezvous) runs this file as a script: every process scores the same tiny model under several
 configurations (cached Gauss–Newton with CG and every score, the streaming path, the exact dual
-solve), reruns one from its work directory, and trains a model. Each process writes what it
-got; the tests compare them with the same work done in this single process.
+solve), scores a DPO policy, reruns one from its work directory, and trains a reward model and
+a DPO policy. Each process writes what it got; the tests compare them with the same work done
+in this single process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import pairs, tiny_scoring_model
+from helpers import pairs, perturbed_model, tiny_scoring_model
 
 from prefprune import distributed
 from prefprune.influence import InfluenceConfig, compute_scores
@@ -39,6 +40,8 @@ SCORE_CONFIGS = {
 }
 TRAIN = TrainConfig(epochs=2, batch_size=5, learning_rate=1e-2, warmup_ratio=0.0,
                     grad_accum_steps=2)
+#: The trainings compared: a reward model, and a DPO policy (issue 21) on the tiny Llama.
+TRAINED = {"train": ("still", {}), "train-dpo": ("llama", {"objective": "dpo"})}
 
 
 def score_data():
@@ -49,42 +52,54 @@ def train_data():
     return pairs(12, 3, "x")
 
 
-def train_model(backbone: str) -> tuple[RewardModel, object]:
+def dpo_policy(backbone: str) -> RewardModel:
+    """A small DPO policy with a non-zero adapter (it differs from its reference)."""
+    return perturbed_model(backbone, seed=5, scale=0.3, objective="dpo", max_length=32,
+                           lora_r=1, feature_cache=None)
+
+
+def train_model(backbone: str, **config) -> tuple[RewardModel, object]:
     """Trained in float64, so that what the comparison sees is the data-parallel arithmetic,
     not float32 summation order amplified by Adam on near-zero gradients."""
-    model = RewardModel.create(RewardModelConfig(backbone=backbone), seed=TRAIN.seed)
+    model = RewardModel.create(RewardModelConfig(backbone=backbone, feature_cache=None,
+                                                 **config), seed=TRAIN.seed)
     model.model.double()
     return model, train_reward_model(model, train_data(), TRAIN, progress=False)
 
 
-def worker(backbone: str, still: str, out: Path) -> None:
+def worker(backbone: str, still: str, llama: str, out: Path) -> None:
     """One process of the launch: everything it computes goes to ``out/*-rank{r}``."""
     torch.set_num_threads(1)
     model = tiny_scoring_model(backbone)
     train, validation = score_data()
-    for name, config in SCORE_CONFIGS.items():
-        result = compute_scores(model, train, validation, InfluenceConfig(**config),
+    distributed.setup()
+    rank = distributed.rank()
+    runs = [(name, model, config) for name, config in SCORE_CONFIGS.items()]
+    runs.append(("dpo", dpo_policy(llama), SCORE_CONFIGS["cached"]))
+    for name, scored, config in runs:
+        result = compute_scores(scored, train, validation, InfluenceConfig(**config),
                                 work_dir=out / "work" / name, progress=False)
-        rank = distributed.rank()
         result.table.to_parquet(out / f"{name}-rank{rank}.parquet")
         (out / f"{name}-rank{rank}.json").write_text(json.dumps(result.metadata, default=str))
     again = compute_scores(model, train, validation, InfluenceConfig(**SCORE_CONFIGS["cached"]),
                            work_dir=out / "work" / "cached", progress=False)
     (out / f"rerun-rank{rank}.json").write_text(json.dumps(again.metadata, default=str))
-    trained, result = train_model(still)
-    torch.save({"state": trained.trainable_state(), "result": result.to_dict(),
-                "eval": evaluate(trained, train_data(), progress=False).to_dict()},
-               out / f"train-rank{rank}.pt")
+    for name, (path, config) in TRAINED.items():
+        trained, result = train_model({"still": still, "llama": llama}[path], **config)
+        torch.save({"state": trained.trainable_state(), "result": result.to_dict(),
+                    "eval": evaluate(trained, train_data(), progress=False).to_dict()},
+                   out / f"{name}-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def launch(tiny_bert: Path, still_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def launch(tiny_bert: Path, still_bert: Path, tiny_backbones: dict[str, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [str(torchrun), "--standalone", f"--nproc-per-node={WORLD}", __file__,
-         str(tiny_bert), str(still_bert), str(out)],
+         str(tiny_bert), str(still_bert), str(tiny_backbones["llama"]), str(out)],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
@@ -100,9 +115,11 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-@pytest.mark.parametrize("name", list(SCORE_CONFIGS))
-def test_two_processes_score_like_one(launch, model, name):
-    config = InfluenceConfig(**SCORE_CONFIGS[name])
+@pytest.mark.parametrize("name", [*SCORE_CONFIGS, "dpo"])
+def test_two_processes_score_like_one(launch, model, tiny_backbones, name):
+    if name == "dpo":
+        model = dpo_policy(str(tiny_backbones["llama"]))
+    config = InfluenceConfig(**SCORE_CONFIGS.get(name, SCORE_CONFIGS["cached"]))
     single = compute_scores(model, *score_data(), config, progress=False)
     tables = [pd.read_parquet(launch / f"{name}-rank{r}.parquet") for r in range(WORLD)]
     pd.testing.assert_frame_equal(tables[1], tables[0])  # every process returns the same table
@@ -131,10 +148,13 @@ def test_rerun_reuses_every_shard_of_both_processes(launch):
     assert not list((launch / "work").rglob("*.tmp-*"))
 
 
-def test_two_processes_train_like_one(launch, still_bert):
-    model, result = train_model(str(still_bert))
+@pytest.mark.parametrize("name", list(TRAINED))
+def test_two_processes_train_like_one(launch, still_bert, tiny_backbones, name):
+    path, config = TRAINED[name]
+    model, result = train_model(str(still_bert if path == "still" else tiny_backbones[path]),
+                                **config)
     expected = model.trainable_state()
-    runs = [torch.load(launch / f"train-rank{r}.pt") for r in range(WORLD)]
+    runs = [torch.load(launch / f"{name}-rank{r}.pt") for r in range(WORLD)]
     for name, value in runs[0]["state"].items():
         assert torch.equal(runs[1]["state"][name], value)  # the processes never drift apart
         if not name.endswith("modules_to_save.default.bias"):  # frozen, see test_training
@@ -148,4 +168,4 @@ def test_two_processes_train_like_one(launch, still_bert):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    worker(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))

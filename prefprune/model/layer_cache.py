@@ -122,6 +122,8 @@ class FrozenLayerCache:
         self.features = features
         self.store: FeatureStore | None = None
         self._ram: dict[bytes, torch.Tensor] = {}
+        #: What else models on this cache compute once and share (a DPO reference).
+        self.shared: dict[str, Any] = {}
 
     @classmethod
     def for_config(cls, config: RewardModelConfig) -> FrozenLayerCache | None:

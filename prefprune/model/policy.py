@@ -22,7 +22,8 @@ in RAM and in the feature store on disk, named by the digest of the whole base m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -117,9 +118,15 @@ def completion_logps(hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.
                      completion_mask: torch.Tensor) -> torch.Tensor:
     """``log π(y|x)`` per row: the sum over response tokens of the log-probability the model
     gave each of them. The hidden state at position t predicts token t+1, so only positions
-    followed by a response token are projected through the LM head."""
-    rows, positions = completion_mask[:, 1:].nonzero(as_tuple=True)
-    logits = lm_head(hidden[rows, positions])
+    followed by a response token are projected through the LM head: gathered to the start of
+    their row (rows stay rows, so per-row gradient hooks work on a LoRA-adapted head too)."""
+    following = completion_mask[:, 1:]
+    rows, positions = following.nonzero(as_tuple=True)
+    slots = (following.cumsum(dim=1) - 1)[rows, positions]
+    gathered = hidden.new_zeros(hidden.shape[0], int(following.sum(dim=1).max()),
+                                hidden.shape[-1])
+    gathered[rows, slots] = hidden[rows, positions]
+    logits = lm_head(gathered)[rows, slots]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast
     targets = input_ids[rows, positions + 1]
     token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
@@ -181,7 +188,18 @@ class DPOPolicy(RewardModel):
 
     def _prepare(self, model: nn.Module) -> None:
         """A policy reads log-probabilities at response tokens: no head, no pooling."""
-        self.reference = ReferenceLogps(model, self.config.feature_store())
+        self._reference: ReferenceLogps | None = None
+
+    @property
+    def reference(self) -> ReferenceLogps:
+        """The reference log-probabilities, shared by every model on the same frozen-layer
+        cache (the seeds and retrains of an experiment), so each is computed once."""
+        if self._reference is None:
+            shared = self.layer_cache.shared if self.layer_cache is not None else {}
+            if "reference" not in shared:
+                shared["reference"] = ReferenceLogps(self.model, self.config.feature_store())
+            self._reference = shared["reference"]
+        return self._reference
 
     def _make_encoder(self, tokenizer: Any) -> PairEncoder:
         return CompletionEncoder(tokenizer, self.config.max_length)
@@ -237,5 +255,19 @@ class DPOPolicy(RewardModel):
                          rows: list[int]) -> torch.Tensor:
         index = torch.tensor(rows, device=completion.device)
         sub = {k: v.index_select(0, index) for k, v in inputs.items()}
-        with self.model.disable_adapter():
+        with _adapter_disabled(self.model):
             return self._logps(sub, completion.index_select(0, index)).double().cpu()
+
+
+@contextmanager
+def _adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """PEFT's ``disable_adapter``, leaving θ as it was: re-enabling the adapter marks every
+    adapter parameter trainable again, which would add frozen ones (or undo a caller's
+    freezing) to θ."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name])
