@@ -132,7 +132,7 @@ class Experiment:
                 if "ensemble" in meta:
                     agreement[str(seed)] = meta["ensemble"]["agreement"]
                 if "label_flipped" in table:
-                    detection[str(seed)] = detect(table, self.config.methods)
+                    detection[str(seed)] = detect(table, self.config.score_columns())
                 for arm in arms[seed]:
                     runs.append(self._retrain(arm, train, table, data))
                     advance(1)
