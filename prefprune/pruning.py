@@ -233,7 +233,7 @@ def prune_source(
     output = Path(output)
     inputs = [source] if isinstance(scores, pd.DataFrame) else [source, scores]
     check_folder(output, "prune", overwrite=overwrite, inputs=inputs)
-    options = (data_options or DataOptions()).replace(strict=False)
+    options = data_options or DataOptions()  # strict: a bad row stops it before any output
     texts = load_preferences(source, options).dataset
     if not isinstance(scores, pd.DataFrame):
         _check_same_data(Path(scores), texts, source)

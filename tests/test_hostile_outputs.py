@@ -13,10 +13,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import assert_one_error_line, pairs, run_cli
 
-from prefprune import RewardModel
+from prefprune import RewardModel, load_preferences
 
 TINY = ("--max-length", "48", "--lora-layers", "1", "--epochs", "1", "--batch-size", "8")
 
@@ -142,3 +143,21 @@ def test_21_a_run_refuses_the_seeds_it_sets_itself(section, data, tmp_path):
         assert f"{section}.seed" in line and "remove it" in line
     assert not (tmp_path / "experiment").exists() and not (tmp_path / "validate").exists()
 
+
+
+def test_18_prune_strict_stops_at_a_bad_row_before_writing(data, tmp_path):
+    """--strict was offered by prune and then ignored; now it refuses data with a bad row,
+    naming it, and writes nothing. Without it the row is skipped and written back as is."""
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(data.read_text() + json.dumps({"prompt": "p", "chosen": "same",
+                                                     "rejected": "same"}) + "\n")
+    scores = tmp_path / "scores.parquet"
+    table = load_preferences(source).dataset
+    pd.DataFrame({"id": table["id"], "loss": range(len(table))}).to_parquet(scores)
+    line = assert_one_error_line(run_cli("prune", scores, source, "--output", tmp_path / "o",
+                                         "--by", "loss", "--strict"), 1)
+    assert "pairs.jsonl" in line and ":41" in line
+    assert not (tmp_path / "o").exists()
+    lenient = run_cli("prune", scores, source, "--output", tmp_path / "o", "--by", "loss")
+    assert lenient.exit_code == 0, lenient.output
+    assert len((tmp_path / "o" / "pairs.jsonl").read_text().splitlines()) == 41 - 4
