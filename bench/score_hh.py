@@ -22,7 +22,8 @@ from scipy.stats import spearmanr
 
 from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.model import RewardModel
-from prefprune.pipeline import prepare_data, validation_targets
+from prefprune.pipeline import prepare_data
+from prefprune.scoring import validation_targets
 from prefprune.training import TrainConfig, train_reward_model
 
 

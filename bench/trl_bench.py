@@ -39,7 +39,8 @@ from prefprune.integrations import PrefpruneCallback
 from prefprune.integrations.trl import TrlConfig, trl_reading
 from prefprune.model import default_backbone
 from prefprune.model.loading import ADAPTER_WEIGHTS
-from prefprune.pipeline import prepare_data, rendering_of, score_pairs
+from prefprune.pipeline import prepare_data, rendering_of
+from prefprune.scoring import score_pairs
 
 SCORES = ("if", "grad_cos", "loss")
 

@@ -57,15 +57,14 @@ from prefprune.influence import ALL_SCORES, InfluenceConfig, ScoreResult, comput
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
     PreparedData,
-    ScoreOutcome,
     TrainOutcome,
     evaluate_saved,
     prepare_data,
-    score_pairs,
     train_and_evaluate,
 )
 from prefprune.pruning import PruneConfig, inject_flips, prune_source, select
 from prefprune.report import write_report
+from prefprune.scoring import ScoreOutcome, score_pairs
 from prefprune.training import EvalResult, TrainConfig, TrainResult, evaluate, train_reward_model
 
 __version__ = "0.1.0"

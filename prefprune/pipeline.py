@@ -1,5 +1,5 @@
-"""The steps a user runs end to end: prepare data, train and evaluate, evaluate a saved model,
-score every training pair.
+"""The steps a user runs end to end: prepare data, train and evaluate, evaluate a saved model
+(scoring every training pair, the next step, is :func:`prefprune.scoring.score_pairs`).
 
 The CLI only parses arguments and prints; everything it does goes through these functions with
 the same defaults, so a Python user gets exactly what ``prefprune train`` or ``prefprune demo``
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import datasets
 
 from prefprune import distributed
-from prefprune.checkpoints import CheckpointCapture, score_saved_checkpoints
 from prefprune.data import (
     DEFAULT_SPLIT_FRACTIONS,
     PLAIN,
@@ -33,17 +31,10 @@ from prefprune.data import (
     rendering_for,
     split_preferences,
 )
-from prefprune.ensemble import EnsembleConfig
-from prefprune.errors import DataError, StaleDataWarning
-from prefprune.files import check_folder, check_output_file, claim_folder
-from prefprune.influence.config import InfluenceConfig
-from prefprune.influence.results import ScoreResult, is_score_sidecar, is_score_table, sidecar_of
+from prefprune.errors import DataError
+from prefprune.files import check_folder
 from prefprune.integrations.trl import (
     TrlConfig,
-    TrlPairEncoder,
-    as_trl_read,
-    final_model,
-    saved_checkpoints,
 )
 from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
 from prefprune.model.loading import (
@@ -52,7 +43,6 @@ from prefprune.model.loading import (
     read_json,
     saved_tokenizer_source,
 )
-from prefprune.scoring import score_training_pairs
 from prefprune.training import (
     Capture,
     EvalResult,
@@ -284,7 +274,7 @@ def evaluate_saved(
 ) -> EvalResult:
     """Load a saved reward model and evaluate it on ``split`` of ``data`` (or on a dataset);
     ``trl`` says what a TRL output folder's files cannot (docs/trl.md)."""
-    pairs = data if isinstance(data, datasets.Dataset) else _split_of(data, split)
+    pairs = data if isinstance(data, datasets.Dataset) else split_of(data, split)
     target = resolve_device(device)
     model = RewardModel.load(model_path, trust_remote_code=trust_remote_code, trl=trl).to(target)
     return evaluate(model, pairs, progress=progress)
@@ -303,7 +293,7 @@ def recorded_seed(model_path: str | os.PathLike) -> int:
     return int(meta.get("metadata", {}).get("train_config", {}).get("seed", 0))
 
 
-def _split_of(data: PreparedData, split: str) -> datasets.Dataset:
+def split_of(data: PreparedData, split: str) -> datasets.Dataset:
     """One split by name, with an error that lists the names there are."""
     if split not in data.splits:
         raise DataError(f"unknown split '{split}'; expected one of {', '.join(data.splits)}")
@@ -313,156 +303,3 @@ def _split_of(data: PreparedData, split: str) -> datasets.Dataset:
 def metrics_dict(metrics: Mapping[str, EvalResult]) -> dict[str, Any]:
     """JSON form of per-split metrics (without the per-pair margins)."""
     return {name: result.to_dict() for name, result in metrics.items()}
-
-
-@dataclass
-class ScoreOutcome:
-    """Scores of every training pair, the model they were taken at, and where they were saved."""
-
-    result: ScoreResult
-    model: RewardModel
-    trained: TrainOutcome | None
-    paths: tuple[Path, Path] | None
-
-
-def validation_targets(data: PreparedData, by: str | None = None) -> dict[str, datasets.Dataset]:
-    """The validation split as one target, plus one target per value of column ``by``.
-
-    Per-group targets (e.g. per subreddit) show whether a pair hurts one slice of the data
-    while helping another.
-    """
-    validation = _split_of(data, "validation")
-    if len(validation) == 0:
-        raise DataError("the validation split is empty; influence needs validation pairs")
-    targets = {"validation": validation}
-    if by is None:
-        return targets
-    if by not in validation.column_names:
-        raise DataError(f"unknown target column '{by}'; columns are "
-                        f"{', '.join(validation.column_names)}")
-    values = validation[by]
-    for value in sorted({str(v) for v in values}):
-        rows = [i for i, v in enumerate(values) if str(v) == value]
-        targets[f"{by}={value}"] = validation.select(rows)
-    return targets
-
-
-def check_score_output(output: str | os.PathLike, *, overwrite: bool = False,
-                       inputs: list[Any] = ()) -> None:
-    """Refuse a score table path that would replace an input or a file prefprune did not
-    write (the table, or its ``.json`` sidecar)."""
-    check_output_file(output, owned=is_score_table, overwrite=overwrite, inputs=inputs)
-    check_output_file(sidecar_of(Path(output)), owned=is_score_sidecar, overwrite=True,
-                      inputs=inputs, what="--output's sidecar")
-
-
-def score_pairs(
-    data: PreparedData,
-    model: RewardModel | str | os.PathLike | None = None,
-    influence_config: InfluenceConfig | None = None,
-    *,
-    model_config: RewardModelConfig | None = None,
-    train_config: TrainConfig | None = None,
-    ensemble: EnsembleConfig | None = None,
-    target_column: str | None = None,
-    output: str | os.PathLike | None = None,
-    work_dir: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    trust_remote_code: bool = False,
-    trl: TrlConfig | None = None,
-) -> ScoreOutcome:
-    """Score every training pair of ``data`` against its validation split.
-
-    ``model`` is a trained :class:`RewardModel`, a saved model directory, or ``None`` to train
-    one first with ``model_config``/``train_config``. An ``ensemble`` trains its other members
-    (and ``oof`` its fold models) with the same settings: those of ``train_config``, else the
-    ones the saved model records. With ``output`` the table and sidecar are written there;
-    intermediate shards go to ``work_dir`` (default: ``<output>.work``) so that an interrupted
-    run, started again, resumes. Outputs are checked before any work starts.
-
-    A TRL output folder is read as TRL read its pairs, ``trl`` saying what its files cannot;
-    ``trl.checkpoints`` scores with each checkpoint the run saved and combines them (a
-    checkpoint ensemble; the model defaults to the run's final one), see docs/trl.md.
-    """
-    if model is None and trl is not None and trl.checkpoints:
-        model = final_model(trl.checkpoints)
-    model_path = None if model is None or isinstance(model, RewardModel) else Path(model)
-    if output is not None:
-        check_score_output(output, overwrite=overwrite, inputs=[data.source, model_path])
-        if work_dir is None:
-            work_dir = Path(output).with_name(Path(output).name + ".work")
-    if work_dir is not None:
-        check_folder(work_dir, "score-work", resume=True, inputs=[data.source, model_path])
-    targets = validation_targets(data, target_column)
-    influence_config = influence_config or InfluenceConfig()
-    ensemble = ensemble or EnsembleConfig()
-    checkpoints = ensemble.enabled and ensemble.kind == "checkpoints"
-    trained = None
-    if model is None:
-        epochs = (train_config or TrainConfig()).epochs
-        capture = (lambda new: CheckpointCapture(
-            new, data.splits["train"], targets, influence_config, members=ensemble.members,
-            epochs=epochs, progress=progress)) if checkpoints else None
-        trained = train_and_evaluate(data, model_config, train_config, progress=progress,
-                                     capture=capture)
-        model = trained.model
-    elif model_path is not None:
-        model = RewardModel.load(model_path, runtime=model_config or RewardModelConfig(),
-                                 trust_remote_code=trust_remote_code, trl=trl)
-    _warn_if_other_data(model, data)
-    if work_dir is not None and distributed.is_main_process():
-        claim_folder(work_dir, "score-work", resume=True)
-    train, read_as_trl, saved = data.splits["train"], None, None
-    if isinstance(model.encoder, TrlPairEncoder):
-        train, targets, read_as_trl = as_trl_read(model.encoder, train, targets)
-    if trl is not None and trl.checkpoints:
-        saved = score_saved_checkpoints(
-            saved_checkpoints(trl.checkpoints), train, targets, influence_config, trl=trl,
-            work_dir=None if work_dir is None else Path(work_dir) / "checkpoints",
-            model=model,  # its own passes are score_training_pairs' "base" shards
-            model_work=None if work_dir is None else Path(work_dir) / "base",
-            progress=progress)
-        ensemble = ensemble.replace(members=len(saved.tables), kind="checkpoints")
-    recorded = model.metadata.get("train_config")
-    result = score_training_pairs(
-        model, train, targets, influence_config,
-        ensemble=ensemble, model_config=model.config,
-        train_config=train_config or (TrainConfig.from_dict(recorded) if recorded else None),
-        cache=model.layer_cache, work_dir=work_dir, progress=progress,
-        checkpoints=saved.tables if saved else
-        trained.capture.tables if trained and trained.capture else None,
-        checkpoint_weights=saved.weights if saved else None)
-    if read_as_trl is not None:
-        result.metadata["trl"] = read_as_trl
-    if saved is not None:
-        result.metadata["checkpoints"] = saved.record
-    result.metadata["source"] = data.source
-    result.metadata["source_fingerprint"] = data.source_fingerprint
-    result.metadata["influence_target"] = data.origins.get("validation")
-    result.metadata["rendering"] = data.rendering
-    result.metadata["model_trained_on"] = model.metadata.get("data_fingerprint")
-    result.metadata["frozen_layers"] = frozen_layer_summary(model)
-    if trained is not None:
-        result.metadata["model_metrics"] = metrics_dict(trained.metrics)
-    paths = None
-    if output is not None:
-        if distributed.is_main_process():  # every rank returns the same merged table
-            paths = result.save(output)
-        distributed.barrier()
-    return ScoreOutcome(result, model, trained, paths)
-
-
-def _warn_if_other_data(model: RewardModel, data: PreparedData) -> None:
-    """Scoring a model on pairs it was not trained on, or read differently, is allowed, but
-    the user should know."""
-    rendered = model.metadata.get("rendering")
-    if rendered and rendered != data.rendering and distributed.is_main_process():
-        warnings.warn(f"the model read its training messages with the {rendered} rendering, "
-                      f"this data with {data.rendering}", StaleDataWarning, stacklevel=2)
-    trained_on = model.metadata.get("data_fingerprint")
-    if trained_on and trained_on != data.fingerprint and distributed.is_main_process():
-        warnings.warn(f"the model was trained on other pairs (train fingerprint {trained_on}) "
-                      f"than this data's train split ({data.fingerprint}); influence assumes "
-                      "the model was fitted on the pairs it scores", StaleDataWarning,
-                      stacklevel=2)

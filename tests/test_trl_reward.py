@@ -18,7 +18,8 @@ from prefprune.data import DataOptions
 from prefprune.errors import ModelError
 from prefprune.integrations.trl import TrlConfig, trl_reading
 from prefprune.model import RewardModel
-from prefprune.pipeline import prepare_data, rendering_of, score_pairs
+from prefprune.pipeline import prepare_data, rendering_of
+from prefprune.scoring import score_pairs
 
 QUESTIONS = ["what is the capital of france", "is seven a number", "say something kind",
              "what is a helpful answer", "yes or no", "name a city", "is this rude",

@@ -37,10 +37,10 @@ from prefprune.pipeline import (
     prepare_data,
     recorded_seed,
     rendering_of,
-    score_pairs,
     train_and_evaluate,
 )
 from prefprune.pruning import PruneConfig, prune_source
+from prefprune.scoring import score_pairs
 from prefprune.training import TrainConfig, resolve_device
 
 #: Exceptions that mean "the input, a setting or a file is wrong", not "prefprune has a bug".
