@@ -25,7 +25,7 @@ from prefprune.errors import PrefpruneWarning
 from prefprune.experiment import ExperimentResult, headline
 from prefprune.experiment.validation import ValidationResult, format_lds
 from prefprune.model import Truncation
-from prefprune.pipeline import TrainOutcome, data_summary, metrics_dict
+from prefprune.pipeline import TrainOutcome, data_summary, frozen_layer_summary, metrics_dict
 from prefprune.report import format_interval
 from prefprune.training import EvalResult, TrainResult
 
@@ -120,7 +120,8 @@ def training_table(result: TrainResult) -> Table:
 def outcome_dict(outcome: TrainOutcome) -> dict[str, Any]:
     return {"data": data_summary(outcome.data), "train": outcome.train.to_dict(),
             "metrics": metrics_dict(outcome.metrics), "seconds": outcome.seconds,
-            "truncation": {k: v.to_dict() for k, v in outcome.truncation.items()}}
+            "truncation": {k: v.to_dict() for k, v in outcome.truncation.items()},
+            "frozen_layers": frozen_layer_summary(outcome.model)}
 
 
 def print_outcome(outcome: TrainOutcome) -> None:
@@ -130,8 +131,7 @@ def print_outcome(outcome: TrainOutcome) -> None:
     print_truncation(outcome.truncation)
     stdout.print(training_table(outcome.train))
     stdout.print(metrics_table(outcome.metrics))
-    if outcome.model.layer_cache is not None:
-        print_frozen_layers(outcome.model.layer_cache.summary())
+    print_frozen_layers(frozen_layer_summary(outcome.model))
 
 
 def print_frozen_layers(summary: Mapping[str, Any] | None) -> None:
