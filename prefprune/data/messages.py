@@ -60,8 +60,9 @@ def is_messages(value: Any) -> bool:
     return isinstance(value, list)
 
 
-def shared_messages(a: list[Message], b: list[Message]) -> int:
-    """How many leading messages two conversations share."""
+def shared_items(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items two sequences share (messages of two conversations, token ids
+    of two encodings)."""
     count = 0
     for x, y in zip(a, b):
         if x != y:
@@ -166,7 +167,7 @@ def implicit_texts(first: object, second: object, keys: tuple[str, str],
     message lists whose shared beginning is the prompt."""
     if is_messages(first) or is_messages(second):
         a, b = as_messages(first, keys[0]), as_messages(second, keys[1])
-        shared = shared_messages(a, b)
+        shared = shared_items(a, b)
         if shared == 0:
             raise RowIssue("no_shared_prompt", keys[1], "the two conversations share no "
                                                         "leading messages to use as the prompt")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefprune.data.messages import shared_items
 from prefprune.errors import ModelError
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import PairBatch, PairEncoder
@@ -57,7 +58,8 @@ class CompletionEncoder(PairEncoder):
         masks: list[list[int]] = []
         for side in full:
             for i in range(size):
-                start = min(_shared(prompt_ids[i], full[0][i]), _shared(prompt_ids[i], full[1][i]))
+                start = min(shared_items(prompt_ids[i], full[0][i]),
+                            shared_items(prompt_ids[i], full[1][i]))
                 ids, mask = self._fit(side[i][:start], side[i][start:])
                 rows.append(ids)
                 masks.append(mask)
@@ -91,15 +93,6 @@ class CompletionEncoder(PairEncoder):
             prompt = prompt[-room:]
             self.stats.prompts_truncated += 1
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 def _padded(rows: list[list[int]], masks: list[list[int]], pad: int, size: int) -> PairBatch:
