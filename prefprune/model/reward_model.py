@@ -230,11 +230,6 @@ class RewardModel:
         """A detached copy of θ, to restore an initialisation exactly."""
         return {n: p.detach().clone() for n, p in self.trainable_parameters()}
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param in self.trainable_parameters():
-                param.copy_(state[name])
-
     # --- encoding and forward -----------------------------------------------------------
 
     def encode_pairs(self, prompts: Sequence[str], chosen: Sequence[str],
