@@ -3,7 +3,7 @@
 The public API follows the data flow — records → model → gradients → scores →
 selection → retrain → report:
 
->>> from prefprune import prepare_data, train_and_evaluate, score_pairs
+>>> from prefprune import PruneConfig, prepare_data, prune_source, score_pairs, train_and_evaluate
 >>> data = prepare_data("pairs.jsonl")                 # read, account for every row, split
 >>> outcome = train_and_evaluate(data)                 # LoRA reward model, BT loss
 >>> scores = score_pairs(data, outcome.model)          # IF, flip, gradient similarity, ...

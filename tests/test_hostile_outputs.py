@@ -7,6 +7,7 @@ the test names follow the issue that collected these probes.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 from helpers import assert_one_error_line, pairs, run_cli
 
+import prefprune
 from prefprune import RewardModel, load_preferences
 
 TINY = ("--max-length", "48", "--lora-layers", "1", "--epochs", "1", "--batch-size", "8")
@@ -161,3 +163,15 @@ def test_18_prune_strict_stops_at_a_bad_row_before_writing(data, tmp_path):
     lenient = run_cli("prune", scores, source, "--output", tmp_path / "o", "--by", "loss")
     assert lenient.exit_code == 0, lenient.output
     assert len((tmp_path / "o" / "pairs.jsonl").read_text().splitlines()) == 41 - 4
+
+
+def test_23_the_package_example_uses_only_what_it_imports():
+    """The example at the top of ``prefprune/__init__.py`` once used an undefined name: every
+    name it calls is imported on its own import line, and prefprune exports it."""
+    lines = [line.split(">>> ", 1)[1].split("#")[0] for line in prefprune.__doc__.splitlines()
+             if line.startswith(">>> ")]
+    imported = {alias.name for alias in ast.parse(lines[0]).body[0].names}
+    called = {node.func.id for line in lines[1:] for node in ast.walk(ast.parse(line.strip()))
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert called <= imported
+    assert imported <= set(prefprune.__all__)
