@@ -260,3 +260,30 @@ def test_hh_transcripts_are_conversations_for_a_chat_model(tmp_path, tiny_chat_l
     assert chat["prompt"].endswith("<|im_start|>assistant\n")
     assert "Human:" not in chat["prompt"] and chat["chosen"].startswith("Knead, rise, bake.")
     assert chat["rejected"].startswith("No.<|im_end|>")
+
+
+def test_an_empty_response_is_skipped_whatever_the_rendering(tmp_path, tiny_chat_llama):
+    """A chat template wraps an empty assistant message in its markers; the row is still an
+    empty response. Read with SmolLM2's template, four HH rows with an empty chosen answer
+    were once kept, and the extra rows reshuffled every split, so two backbones no longer
+    trained and tested on the same pairs."""
+    from prefprune.data.splits import split_preferences
+    from prefprune.model.loading import load_tokenizer
+
+    prompt = "\n\nHuman: Question {}?"
+    rows = [{"chosen": f"{prompt.format(i)}\n\nAssistant: {'' if i % 5 == 0 else 'Yes.'}",
+             "rejected": f"{prompt.format(i)}\n\nAssistant: No."} for i in range(40)]
+    source, messages = tmp_path / "hh.jsonl", tmp_path / "messages.jsonl"
+    write_jsonl(source, rows)
+    write_jsonl(messages, [*CONVERSATIONAL[:2], {"prompt": [user("Hi")], "chosen": [
+        assistant("  ")], "rejected": [assistant("Hello")]}])
+    rendering = rendering_for(load_tokenizer(str(tiny_chat_llama), False))
+    plain, chat = load_preferences(source), load_preferences(source, rendering=rendering)
+    for loaded in (plain, chat):
+        check_account(loaded, kept=32, reasons={"empty_field": 8})
+    check_account(load_preferences(messages, rendering=rendering), kept=2,
+                  reasons={"empty_field": 1})
+    for seed in range(3):
+        splits = [split_preferences(x.dataset, fractions=(0.4, 0.15, 0.45), seed=seed)
+                  for x in (plain, chat)]
+        assert all(splits[0][s]["source_row"] == splits[1][s]["source_row"] for s in splits[0])

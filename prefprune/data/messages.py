@@ -140,6 +140,14 @@ def rendering_for(tokenizer: Any | None) -> Rendering:
     return PLAIN
 
 
+def check_said(response: list[Message], label: str) -> None:
+    """A response whose messages say nothing is ``empty_field``, as an empty string response
+    is: a chat template wraps even an empty message in its markers, so the rendered text
+    alone would hide it, and the rows kept (hence every split) would depend on the backbone."""
+    if not any(message["content"].strip() for message in response):
+        raise RowIssue("empty_field", label, f"the '{label}' response is empty")
+
+
 def render_pair(rendering: Rendering, prompt: list[Message],
                 response: list[Message]) -> tuple[str, str]:
     """(prompt text with the cue, what the full conversation adds to it)."""
@@ -156,6 +164,8 @@ def explicit_texts(values: Sequence[Any], keys: Sequence[str],
     """(prompt, first response, second response) from a prompt message list and two lists of
     response messages (TRL's conversational format)."""
     prompt, first, second = (as_messages(v, key) for v, key in zip(values, keys))
+    check_said(first, keys[1])
+    check_said(second, keys[2])
     prompt_text, first_text = render_pair(rendering, prompt, first)
     _, second_text = render_pair(rendering, prompt, second)
     return prompt_text, first_text, second_text
@@ -171,6 +181,8 @@ def implicit_texts(first: object, second: object, keys: tuple[str, str],
         if shared == 0:
             raise RowIssue("no_shared_prompt", keys[1], "the two conversations share no "
                                                         "leading messages to use as the prompt")
+        check_said(a[shared:], keys[0])
+        check_said(b[shared:], keys[1])
         prompt, first_text = render_pair(rendering, a[:shared], a[shared:])
         _, second_text = render_pair(rendering, a[:shared], b[shared:])
         return prompt, first_text, second_text
