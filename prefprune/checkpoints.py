@@ -35,7 +35,8 @@ from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.influence.gradients import MarginGradientComputer, PairGradients
 from prefprune.influence.results import ScoreResult, model_fingerprint
 from prefprune.integrations.records import recorded_gradients
-from prefprune.integrations.trl import SavedCheckpoint, TrlConfig
+from prefprune.integrations.trl import TrlConfig
+from prefprune.integrations.trl_checkpoints import SavedCheckpoint
 from prefprune.model import PairBatch, RewardModel
 
 

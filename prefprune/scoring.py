@@ -33,13 +33,8 @@ from prefprune.influence.results import (
     ranked_columns,
     sidecar_of,
 )
-from prefprune.integrations.trl import (
-    TrlConfig,
-    TrlPairEncoder,
-    as_trl_read,
-    final_model,
-    saved_checkpoints,
-)
+from prefprune.integrations.trl import TrlConfig, TrlEncoder, as_trl_read
+from prefprune.integrations.trl_checkpoints import final_model, saved_checkpoints
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
     PreparedData,
@@ -228,7 +223,7 @@ def score_pairs(
     if work_dir is not None and distributed.is_main_process():
         claim_folder(work_dir, "score-work", resume=True)
     train, read_as_trl, saved = data.splits["train"], None, None
-    if isinstance(model.encoder, TrlPairEncoder):
+    if isinstance(model.encoder, TrlEncoder):
         train, targets, read_as_trl = as_trl_read(model.encoder, train, targets)
     if trl is not None and trl.checkpoints:
         saved = score_saved_checkpoints(

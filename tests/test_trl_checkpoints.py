@@ -18,7 +18,8 @@ from prefprune.errors import InfluenceError, ModelError
 from prefprune.influence.gradients import MarginGradientComputer
 from prefprune.integrations import PrefpruneCallback
 from prefprune.integrations.records import read_record
-from prefprune.integrations.trl import TrlConfig, pair_key, saved_checkpoints
+from prefprune.integrations.trl import TrlConfig, pair_key
+from prefprune.integrations.trl_checkpoints import saved_checkpoints
 from prefprune.model import RewardModel
 
 

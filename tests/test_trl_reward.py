@@ -195,6 +195,6 @@ def test_what_the_folder_cannot_say_is_asked_for(tiny_chat_llama, tmp_path):
     with pytest.raises(ModelError, match="--trl-data plain or conversational"):
         RewardModel.load(tmp_path / "run")
     card = tmp_path / "run" / "README.md"
-    card.write_text(card.read_text().replace("reward-trainer", "dpo"))
-    with pytest.raises(ModelError, match=r"another trainer.*dpo.*DPO is planned"):
+    card.write_text(card.read_text().replace("reward-trainer", "sft"))
+    with pytest.raises(ModelError, match=r"another trainer.*sft.*RewardTrainer and DPOTrainer"):
         RewardModel.load(tmp_path / "run")

@@ -27,7 +27,8 @@ from prefprune.ensemble import EnsembleConfig
 from prefprune.errors import ConfigError, PrefpruneError, PrefpruneWarning, SelectionError
 from prefprune.experiment import ExperimentConfig
 from prefprune.influence import InfluenceConfig
-from prefprune.integrations.trl import TrlConfig, final_model, trl_reading
+from prefprune.integrations.trl import TrlConfig, trl_reading
+from prefprune.integrations.trl_checkpoints import final_model
 from prefprune.model import PairEncoder, RewardModelConfig
 from prefprune.model.loading import default_backbone, load_tokenizer
 from prefprune.pipeline import (
@@ -113,8 +114,8 @@ TARGET = OptionGroup("target_config", ExperimentConfig, "Validation target optio
 PRUNE = OptionGroup("prune_config", PruneConfig, "Pruning options")
 CHECKPOINTS = OptionGroup("checkpoint_config", TrlConfig, "Model options",
                           only=frozenset({"checkpoints"}))
-TRL = OptionGroup("trl_config", TrlConfig, "TRL options", only=frozenset({"max_length", "data"}),
-                  prefix="trl")
+TRL = OptionGroup("trl_config", TrlConfig, "TRL options",
+                  only=frozenset({"max_length", "data", "beta", "reference"}), prefix="trl")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead "
                                                        "of tables.")]

@@ -1,9 +1,11 @@
 """TRL output folders as prefprune models, read on the token sequences TRL trained on.
 
-A ``RewardTrainer`` run is a model only with the tokens it was trained on: another chat
-template, another end-of-sequence token, another reading position, and the gradients belong
-to another model. TRL 1.16 encodes a pair like this (``RewardTrainer._prepare_dataset`` and
-``DataCollatorForPreference``), and so does :class:`TrlPairEncoder` (docs/trl.md):
+A TRL run is a model only with the tokens it was trained on: another chat template, another
+end-of-sequence token, another reading position, and the gradients belong to another model.
+A ``DPOTrainer`` run is read by :mod:`prefprune.integrations.trl_dpo` (its rows, its β and its
+reference); what follows is the ``RewardTrainer``. TRL 1.16 encodes a pair like this
+(``RewardTrainer._prepare_dataset`` and ``DataCollatorForPreference``), and so does
+:class:`TrlPairEncoder` (docs/trl.md):
 
 * **plain text**: the tokenizer's eos token is appended to each response that does not
   already end with it, and prompt + response is tokenized as one text, with the tokenizer's
@@ -21,17 +23,17 @@ to another model. TRL 1.16 encodes a pair like this (``RewardTrainer._prepare_da
 
 What the folder says is read from its JSON and tokenizer files (the eos and pad tokens TRL
 set, the chat template, the objective from the model card's tags); ``training_args.bin`` is a
-pickle and is never opened, so what only it holds (``max_length``) comes from the user
-(:class:`TrlConfig`), and whether the data was conversational from the data itself, by TRL's
-own test (:func:`trl_reading`).
+pickle and is never opened, so what only it holds (``max_length``, DPO's β and a reference
+model given to the trainer) comes from the user (:class:`TrlConfig`), and whether the data
+was conversational from the data itself, by TRL's own test (:func:`trl_reading`).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,15 +49,15 @@ from prefprune.data.loader import open_source
 from prefprune.data.messages import PLAIN, Rendering
 from prefprune.errors import ModelError
 from prefprune.model.encoding import EncodingStats, PairBatch
-from prefprune.model.loading import ADAPTER_WEIGHTS, head_name, read_json
+from prefprune.model.loading import ADAPTER_WEIGHTS, head_name
 
 #: The model card's tag that names the trainer, and the objective prefprune scores it with.
-#: A DPOTrainer output (tag ``dpo``) plugs in here once prefprune has a DPO objective.
-OBJECTIVES = {"reward-trainer": "reward"}
-#: TRL's own default for ``RewardConfig.max_length``.
+OBJECTIVES = {"reward-trainer": "reward", "dpo": "dpo"}
+#: TRL's own default for ``RewardConfig.max_length`` and ``DPOConfig.max_length``.
 TRL_MAX_LENGTH = 1024
+#: TRL's own default for ``DPOConfig.beta``.
+TRL_BETA = 0.1
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,20 @@ class TrlConfig(Settings):
              "trainer_state.json (TracIn-CP).")
     max_length: int | None = setting(
         TRL_MAX_LENGTH, min=1, negatable=True,
-        help="The max_length the TRL run trained with: TRL dropped (never cut) the pairs with "
-             "a side longer than this. It is kept only in the pickled training_args.bin, which "
-             "prefprune never opens. Default: TRL's default.")
+        help="The max_length the TRL run trained with: RewardTrainer dropped the pairs with a "
+             "side longer than this; DPOTrainer cut prompt + response at its end and dropped "
+             "the pairs whose prompt alone filled it. It is kept only in the pickled "
+             "training_args.bin, which prefprune never opens. Default: TRL's default.")
+    beta: float = setting(
+        TRL_BETA, above=0.0,
+        help="The beta a DPOTrainer run trained with (DPOConfig.beta), kept only in the "
+             "pickled training_args.bin. Default: TRL's default.")
+    reference: str | None = setting(
+        None, metavar="DIR",
+        help="The reference of a DPOTrainer run when its folder does not hold it: the model "
+             "given as ref_model=..., or the one a full-weight run started from (a model "
+             "folder or hub name), or a LoRA adapter folder. Default: the base model under "
+             "the run's adapter, or TRL's copy of the adapter it started from (ref/).")
     data: str = setting(
         "auto", choices=("auto", "plain", "conversational"),
         help="How TRL read the data: plain text (eos appended) or conversational (message "
@@ -140,15 +153,26 @@ def read_trl_output(path: Path) -> TrlOutput | None:
     model_folder = path if has_model(path) else _latest_checkpoint(path)
     if model_folder is None:
         return None
-    tags = _card_tags(model_folder / "README.md") or _card_tags(path / "README.md")
+    tags = _card_tags(model_folder) or _card_tags(path)
     if "trl" not in tags:
         return None
     objective = next((OBJECTIVES[t] for t in tags if t in OBJECTIVES), None)
     if objective is None:
-        trainer = ", ".join(sorted(set(tags) - {"trl", "transformers", "lora"})) or "unknown"
+        trainer = ", ".join(sorted(t for t in set(tags) - {"trl", "transformers", "lora"}
+                                   if ":" not in t)) or "unknown"
         raise ModelError(f"{path}: a TRL output of another trainer (model card tags: "
-                         f"{trainer}); prefprune reads RewardTrainer outputs (DPO is planned)")
+                         f"{trainer}); prefprune reads RewardTrainer and DPOTrainer outputs")
     return TrlOutput(path, model_folder, objective)
+
+
+def card_base_model(run: TrlOutput) -> str | None:
+    """The model the run started from, as its model card names it (TRL writes it only for a
+    model loaded by hub name, not from a local folder)."""
+    for folder in (run.model_folder, run.folder):
+        base = _card(folder / "README.md").get("base_model")
+        if isinstance(base, str) and base:
+            return base
+    return None
 
 
 def has_model(folder: Path) -> bool:
@@ -159,37 +183,42 @@ def has_model(folder: Path) -> bool:
 
 
 def _latest_checkpoint(path: Path) -> Path | None:
-    found = [c for c in _checkpoint_folders(path) if has_model(c)]
+    found = [c for c in checkpoint_folders(path) if has_model(c)]
     return found[-1] if found else None
 
 
-def _checkpoint_folders(path: Path) -> list[Path]:
+def checkpoint_folders(path: Path) -> list[Path]:
     """``checkpoint-N`` sub-folders, by step."""
     if not path.is_dir():
         return []
     return sorted((c for c in path.iterdir() if c.is_dir() and CHECKPOINT.match(c.name)),
-                  key=_step_of)
+                  key=step_of)
 
 
-def _step_of(folder: Path) -> int:
+def step_of(folder: Path) -> int:
+    """The step N of a ``checkpoint-N`` folder."""
     return int(CHECKPOINT.match(folder.name).group(1))  # type: ignore[union-attr]
 
 
-def _card_tags(readme: Path) -> list[str]:
-    """The tags of a Hugging Face model card's YAML header (TRL writes ``trl`` and the
-    trainer's tag there)."""
+def _card_tags(folder: Path) -> list[str]:
+    """The tags of a folder's model card (TRL writes ``trl`` and the trainer's tag there)."""
+    tags = _card(folder / "README.md").get("tags")
+    return [str(t) for t in tags] if isinstance(tags, list) else []
+
+
+def _card(readme: Path) -> dict[str, Any]:
+    """The YAML header of a Hugging Face model card, or nothing."""
     if not readme.is_file():
-        return []
+        return {}
     text = readme.read_text(encoding="utf-8", errors="replace")
     header = re.match(r"---\n(.*?)\n---", text, re.DOTALL)
     if header is None:
-        return []
+        return {}
     try:
         card = yaml.safe_load(header.group(1))
     except yaml.YAMLError:
-        return []
-    tags = card.get("tags") if isinstance(card, dict) else None
-    return [str(t) for t in tags] if isinstance(tags, list) else []
+        return {}
+    return card if isinstance(card, dict) else {}
 
 
 # --- the tokens -----------------------------------------------------------------------------
@@ -210,15 +239,44 @@ class TrlTokenization:
     max_length: int | None
     max_length_from: str
     reward_at: str
+    truncation: str = "none: a pair with a side longer than max_length is dropped"
     not_read: tuple[str, ...] = ("center_rewards_coefficient", "a per-pair margin column",
                                  "tools and chat_template_kwargs columns")
+    #: DPO only: β and the reference, each with where it came from.
+    beta: float | None = None
+    beta_from: str | None = None
+    reference: str | None = None
+    reference_from: str | None = None
 
     @property
     def conversational(self) -> bool:
         return self.data == "conversational"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "not_read": list(self.not_read)}
+        return {**{k: v for k, v in asdict(self).items() if v is not None},
+                "not_read": list(self.not_read)}
+
+
+def trl_objective(run: TrlOutput | None, config: TrlConfig | None) -> dict[str, Any]:
+    """The model settings (:class:`~prefprune.model.RewardModelConfig` fields) the objective of
+    ``run`` needs beyond the defaults: DPO and its β for a DPOTrainer run."""
+    if run is None or run.objective != "dpo":
+        return {}
+    return {"objective": "dpo", "beta": (config or TrlConfig()).beta}
+
+
+def as_trl_trained(model: Any, run: TrlOutput, config: TrlConfig) -> None:
+    """Make ``model`` (a :class:`~prefprune.model.RewardModel` loaded from ``run``) read pairs
+    as TRL trained on them and, for DPO, score against the run's reference; its metadata
+    records how, as ``trl``."""
+    recipe = trl_tokenization(run, model.tokenizer, model.model, config)
+    if run.objective == "dpo":
+        from prefprune.integrations.trl_dpo import as_dpo_trained  # builds on the DPO policy
+
+        recipe = as_dpo_trained(model, run, recipe, config)
+    else:
+        model.encoder = TrlPairEncoder(model.tokenizer, recipe)
+    model.metadata["trl"] = recipe.to_dict()
 
 
 def trl_tokenization(run: TrlOutput, tokenizer: Any, model: torch.nn.Module,
@@ -230,10 +288,8 @@ def trl_tokenization(run: TrlOutput, tokenizer: Any, model: torch.nn.Module,
         raise ModelError(f"{run.folder}: {exc}") from None
     if data == "plain" and tokenizer.eos_token is None:
         raise ModelError(f"{run.folder}: its tokenizer has no eos token, which TRL appends to "
-                         "plain-text responses; was the run given RewardConfig(eos_token=...)?")
-    per_position = head_name(model.get_base_model() if hasattr(model, "get_base_model")
-                             else model) == "score"
-    return TrlTokenization(
+                         "plain-text responses; was the run given an eos_token?")
+    common = dict(
         objective=run.objective, folder=str(run.folder), model_folder=str(run.model_folder),
         data=data, data_from=data_from, eos_token=tokenizer.eos_token,
         pad_token=tokenizer.pad_token,
@@ -242,12 +298,39 @@ def trl_tokenization(run: TrlOutput, tokenizer: Any, model: torch.nn.Module,
         max_length=config.max_length,
         max_length_from=("TRL's default; pass --trl-max-length if the run set another"
                          if config.max_length == TRL_MAX_LENGTH else "the --trl-max-length "
-                         "setting (training_args.bin is a pickle and is never opened)"),
-        reward_at=("the last token that is not the pad token" if per_position
-                   else "the head's pooled first token"))
+                         "setting (training_args.bin is a pickle and is never opened)"))
+    if run.objective == "dpo":
+        from prefprune.integrations.trl_dpo import dpo_reading
+
+        return TrlTokenization(**common, **dpo_reading(config))
+    per_position = head_name(model.get_base_model() if hasattr(model, "get_base_model")
+                             else model) == "score"
+    return TrlTokenization(**common, reward_at=("the last token that is not the pad token"
+                                                if per_position
+                                                else "the head's pooled first token"))
 
 
-class TrlPairEncoder:
+class TrlEncoder(ABC):
+    """Reads pairs as a TRL run did (``recipe``). Besides encoding, scoring a run needs each
+    pair's identity (the key of the callback's record) and whether TRL trained on it."""
+
+    recipe: TrlTokenization
+
+    @abstractmethod
+    def __call__(self, prompts: Sequence[str], chosen: Sequence[str],
+                 rejected: Sequence[str]) -> PairBatch:
+        """B pairs as 2B rows (chosen first), as TRL's collator built them."""
+
+    @abstractmethod
+    def pair_key(self, prompt: str, chosen: str, rejected: str) -> int:
+        """The pair's identity as TRL read it (see :func:`pair_key`)."""
+
+    @abstractmethod
+    def over_max_length(self, prompt: str, chosen: str, rejected: str) -> bool:
+        """Whether TRL dropped this pair from training for its length."""
+
+
+class TrlPairEncoder(TrlEncoder):
     """Encodes pairs into the rows TRL's RewardTrainer trained on (module docstring); a
     drop-in for :class:`~prefprune.model.encoding.PairEncoder`."""
 
@@ -267,11 +350,10 @@ class TrlPairEncoder:
         return self.tokenizer(prompt + text)["input_ids"]
 
     def pair_key(self, prompt: str, chosen: str, rejected: str) -> int:
-        """The pair's identity as TRL read it (see :func:`pair_key`)."""
         return pair_key(self.sequence(prompt, chosen), self.sequence(prompt, rejected))
 
     def over_max_length(self, prompt: str, chosen: str, rejected: str) -> bool:
-        """Whether TRL dropped this pair from training (a side longer than max_length)."""
+        """A side longer than max_length: RewardTrainer drops the pair, never cuts it."""
         if self.max_length is None:
             return False
         return max(len(self.sequence(prompt, chosen)),
@@ -279,7 +361,7 @@ class TrlPairEncoder:
 
     def __call__(self, prompts: Sequence[str], chosen: Sequence[str],
                  rejected: Sequence[str]) -> PairBatch:
-        """B pairs as 2B rows (chosen first), right-padded as TRL's collator pads them."""
+        """Right-padded as TRL's collator pads them."""
         rows = [self._model_input(self.sequence(p, r))
                 for p, r in zip(list(prompts) * 2, list(chosen) + list(rejected))]
         width = max(len(ids) for ids in rows)
@@ -300,7 +382,7 @@ class TrlPairEncoder:
         return ids[:end]
 
 
-def as_trl_read(encoder: TrlPairEncoder, train: Any,
+def as_trl_read(encoder: TrlEncoder, train: Any,
                 targets: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The training pairs and targets without the pairs TRL dropped (a side over
     ``max_length``: TRL never trained or evaluated on them, so they have no influence to
@@ -313,7 +395,7 @@ def as_trl_read(encoder: TrlPairEncoder, train: Any,
     return kept, kept_targets, record
 
 
-def _kept(encoder: TrlPairEncoder, pairs: Any) -> tuple[Any, list[str]]:
+def _kept(encoder: TrlEncoder, pairs: Any) -> tuple[Any, list[str]]:
     over = [i for i, (p, c, r) in enumerate(zip(pairs["prompt"], pairs["chosen"],
                                                  pairs["rejected"]))
             if encoder.over_max_length(p, c, r)]
@@ -333,77 +415,3 @@ def pair_key(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> int:
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
         digest.update(b"|")
     return int.from_bytes(digest.digest(), "little") >> 1
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    """One ``checkpoint-N`` folder of a TRL run, with the learning rate TracIn-CP weights it
-    by and where that rate came from."""
-
-    folder: Path
-    step: int
-    learning_rate: float
-    rate_from: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "step": self.step,
-                "learning_rate": self.learning_rate, "learning_rate_from": self.rate_from}
-
-
-def saved_checkpoints(spec: str) -> list[SavedCheckpoint]:
-    """The checkpoints of a TRL output folder, or of a glob of ``checkpoint-*`` folders, by
-    step. A checkpoint without an adapter or weights, or without its trainer state, is an
-    error that names it."""
-    folders = _checkpoint_folders(Path(spec)) if Path(spec).is_dir() else sorted(
-        (Path(p) for p in glob.glob(spec) if Path(p).is_dir() and CHECKPOINT.match(Path(p).name)),
-        key=_step_of)
-    if not folders:
-        raise ModelError(f"{spec}: no checkpoint-N folders (is it a TRL output folder with "
-                         "save_strategy on?)")
-    for folder in folders:
-        if not has_model(folder):
-            raise ModelError(f"{folder}: no adapter or weights in safetensors "
-                             f"({ADAPTER_WEIGHTS} or model.safetensors)")
-        if not (folder / STATE_FILE).is_file():
-            raise ModelError(f"{folder}: no {STATE_FILE}, so its step and learning rate are "
-                             "unknown")
-    states = [read_json(folder / STATE_FILE, "trainer state") for folder in folders]
-    rates = _logged_rates(states)
-    if not rates:
-        raise ModelError(f"{spec}: no learning rate is logged in any {STATE_FILE} (TracIn-CP "
-                         "weights each checkpoint by it); train with logging on")
-    return [SavedCheckpoint(folder, step, *_rate_at(step, rates))
-            for folder, step in zip(folders, (int(s.get("global_step", _step_of(f)))
-                                              for s, f in zip(states, folders)))]
-
-
-def final_model(spec: str) -> Path:
-    """The model a ``--checkpoints`` run is scored with: the output folder's final model (else
-    its latest checkpoint), or the latest of a glob's checkpoints."""
-    run = read_trl_output(Path(spec)) if Path(spec).is_dir() else None
-    return run.model_folder if run is not None else saved_checkpoints(spec)[-1].folder
-
-
-def _logged_rates(states: list[dict[str, Any]]) -> dict[int, float]:
-    """Step -> logged learning rate, over every state (a later one holds the earlier logs)."""
-    return {int(entry["step"]): float(entry["learning_rate"])
-            for state in states for entry in state.get("log_history") or []
-            if isinstance(entry, dict) and "learning_rate" in entry and "step" in entry}
-
-
-def _rate_at(step: int, rates: dict[int, float]) -> tuple[float, str]:
-    """The learning rate of ``step``: logged, or interpolated linearly between the logged
-    steps around it (exact for TRL's default linear schedule), or the nearest one logged."""
-    if step in rates:
-        return rates[step], "logged"
-    steps = sorted(rates)
-    below = [s for s in steps if s < step]
-    above = [s for s in steps if s > step]
-    if below and above:
-        a, b = below[-1], above[0]
-        rate = rates[a] + (rates[b] - rates[a]) * (step - a) / (b - a)
-        return rate, f"interpolated between steps {a} and {b}"
-    nearest = below[-1] if below else above[0]
-    return rates[nearest], f"the nearest logged step, {nearest}"

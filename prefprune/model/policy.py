@@ -180,8 +180,14 @@ class DPOPolicy(RewardModel):
     and ``config.beta`` scales the reward."""
 
     def _prepare(self, model: nn.Module) -> None:
-        """A policy reads log-probabilities at response tokens: no head, no pooling."""
+        """A policy reads log-probabilities at response tokens: no head, no pooling. The
+        reference is this model with its adapter disabled unless a run trained against another
+        one (a TRL run, docs/trl.md): ``reference_adapter`` names a frozen adapter loaded beside
+        θ's (TRL's copy of a pre-trained adapter), ``reference_model`` is a separate frozen
+        causal LM (the start of a full-weight run)."""
         self._reference: ReferenceLogps | None = None
+        self.reference_adapter: str | None = None
+        self.reference_model: nn.Module | None = None
 
     @property
     def reference(self) -> ReferenceLogps:
@@ -190,7 +196,8 @@ class DPOPolicy(RewardModel):
         if self._reference is None:
             shared = self.layer_cache.shared if self.layer_cache is not None else {}
             if "reference" not in shared:
-                shared["reference"] = ReferenceLogps(self.model, self.config.feature_store())
+                shared["reference"] = ReferenceLogps(self.reference_model or self.model,
+                                                     self.config.feature_store())
             self._reference = shared["reference"]
         return self._reference
 
@@ -215,7 +222,8 @@ class DPOPolicy(RewardModel):
         return self._logps(inputs, completion)
 
     def reference_logps(self, batch: PairBatch) -> torch.Tensor:
-        """``log π_ref(y|x)`` per row: the model with its adapter disabled (cached)."""
+        """``log π_ref(y|x)`` per row: the model with its adapter disabled, or the reference
+        a run set (see :meth:`_prepare`); cached."""
         inputs, completion = self._aligned(batch)
         return self.reference(PairBatch(inputs, batch.size, completion),
                               lambda rows: self._reference_logps(inputs, completion, rows))
@@ -223,6 +231,12 @@ class DPOPolicy(RewardModel):
     def flush(self) -> None:
         super().flush()
         self.reference.flush()
+
+    def to(self, device: torch.device | str) -> DPOPolicy:
+        if self.reference_model is not None:
+            self.reference_model.to(device)
+        super().to(device)
+        return self
 
     @staticmethod
     def _aligned(batch: PairBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -233,10 +247,15 @@ class DPOPolicy(RewardModel):
         completion = aligned.pop("completion_mask")
         return aligned, completion
 
-    def _logps(self, inputs: dict[str, torch.Tensor], completion: torch.Tensor) -> torch.Tensor:
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    def _logps(self, inputs: dict[str, torch.Tensor], completion: torch.Tensor,
+               model: nn.Module | None = None) -> torch.Tensor:
+        """Log-probabilities of this model, or of ``model`` (a separate reference, run without
+        the frozen-layer cache, which holds this model's layers)."""
+        own = model is None
+        model = self.model if own else model
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         decoder = getattr(lm, lm.base_model_prefix)
-        if self.layer_cache is not None:
+        if own and self.layer_cache is not None:
             hidden = self.layer_cache.forward(decoder, inputs).last_hidden_state
         else:
             hidden = decoder(**inputs).last_hidden_state
@@ -248,19 +267,31 @@ class DPOPolicy(RewardModel):
                          rows: list[int]) -> torch.Tensor:
         index = torch.tensor(rows, device=completion.device)
         sub = {k: v.index_select(0, index) for k, v in inputs.items()}
-        with _adapter_disabled(self.model):
-            return self._logps(sub, completion.index_select(0, index)).double().cpu()
+        mask = completion.index_select(0, index)
+        if self.reference_model is not None:
+            return self._logps(sub, mask, self.reference_model).double().cpu()
+        with _adapter_disabled(self.model, instead=self.reference_adapter):
+            return self._logps(sub, mask).double().cpu()
 
 
 @contextmanager
-def _adapter_disabled(model: nn.Module) -> Iterator[None]:
-    """PEFT's ``disable_adapter``, leaving θ as it was: re-enabling the adapter marks every
-    adapter parameter trainable again, which would add frozen ones (or undo a caller's
-    freezing) to θ."""
+def _adapter_disabled(model: nn.Module, instead: str | None = None) -> Iterator[None]:
+    """PEFT's ``disable_adapter`` (or, with ``instead``, that adapter active in place of θ's,
+    as TRL's ``use_adapter`` runs its reference copy), leaving θ as it was: re-enabling the
+    adapter marks every adapter parameter trainable again, which would add frozen ones (or
+    undo a caller's freezing) to θ."""
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        with model.disable_adapter():
-            yield
+        if instead is None:
+            with model.disable_adapter():
+                yield
+        else:
+            active = model.active_adapter
+            model.set_adapter(instead)
+            try:
+                yield
+            finally:
+                model.set_adapter(active)
     finally:
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name])

@@ -19,12 +19,7 @@ from torch import nn
 
 from prefprune.errors import ConfigError, ModelError
 from prefprune.files import MARKER, check_folder, mark, replacing_entries, write_json_atomic
-from prefprune.integrations.trl import (
-    TrlConfig,
-    TrlPairEncoder,
-    read_trl_output,
-    trl_tokenization,
-)
+from prefprune.integrations.trl import TrlConfig, as_trl_trained, read_trl_output, trl_objective
 from prefprune.model.backbones import resolve_backbone
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import EncodingStats, PairBatch, PairEncoder
@@ -147,19 +142,20 @@ class RewardModel:
                                  f"{meta.get('format_version')!r}")
             return cls._from_adapter(folder / "adapter", folder / "tokenizer", backbone,
                                      runtime, meta, cache)
+        objective = trl_objective(run, trl)  # a DPOTrainer output is a DPO policy
         if (folder / "adapter_config.json").is_file():
-            loaded = cls._from_adapter(folder, folder, backbone, runtime, {}, cache)
+            loaded = cls._from_adapter(folder, folder, backbone, runtime,
+                                       {"config": objective}, cache)
         elif (folder / "config.json").is_file():
-            loaded = cls.create(RewardModelConfig(backbone=str(folder), **runtime), cache=cache)
+            loaded = cls.create(RewardModelConfig(backbone=str(folder), **objective, **runtime),
+                                cache=cache)
         else:
             raise ModelError(
                 f"{path}: not a reward model directory (expected {METADATA_FILE}, "
                 "adapter_config.json or config.json)"
             )
         if run is not None:
-            recipe = trl_tokenization(run, loaded.tokenizer, loaded.model, trl or TrlConfig())
-            loaded.encoder = TrlPairEncoder(loaded.tokenizer, recipe)
-            loaded.metadata["trl"] = recipe.to_dict()
+            as_trl_trained(loaded, run, trl or TrlConfig())
         return loaded
 
     @classmethod

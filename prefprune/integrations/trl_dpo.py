@@ -1,0 +1,211 @@
+"""A TRL ``DPOTrainer`` output as a prefprune DPO policy: the rows it trained on, its β and the
+reference it trained against (docs/trl.md).
+
+TRL 1.16's DPOTrainer builds a pair's rows like this (``DPOTrainer._prepare_dataset`` and
+``DataCollatorForPreference``), and so does :class:`TrlCompletionEncoder`:
+
+* **plain text**: the tokenizer's eos token is appended to each response that does not end
+  with it; the prompt, prompt + chosen and prompt + rejected are each tokenized as one text
+  with the tokenizer's special tokens;
+* **conversational** (message lists): the same texts come from the chat template (the prompt
+  with its generation prompt) and are tokenized without adding special tokens;
+* the response starts where the prompt's tokens and both prompt + response sequences first
+  differ (a template may render the prompt alone differently);
+* **truncation keeps the start**: prompt + response is cut to ``max_length`` (default 1024)
+  at its end, so a long prompt leaves little or nothing of the response; a pair whose prompt
+  alone fills ``max_length`` is dropped. prefprune's own
+  :class:`~prefprune.model.policy.CompletionEncoder` cuts the prompt from the left instead;
+* rows are padded on the right with the pad token (TRL sets it to the eos token when the
+  tokenizer has none, and saves it), with a completion mask over the response tokens.
+
+The reference (what ``log π_ref`` is) is read from the folder:
+
+* a new adapter (``DPOTrainer(peft_config=...)``): the base model, the adapter disabled;
+* an adapter TRL was given as a PEFT model: TRL trains it against a frozen copy of its starting
+  weights, the ``ref`` adapter, which it saves in ``ref/`` beside the trained one; prefprune
+  loads it beside θ's adapter and runs it as TRL's ``use_adapter`` does;
+* full weights: a copy of the model the run started from, which the folder names only when the
+  model card has a ``base_model`` (a hub name);
+* anything else (``DPOTrainer(ref_model=...)``, a full-weight run from a local folder, a ``ref``
+  adapter that was not saved) is the ``reference`` setting.
+
+β lives only in the pickled ``training_args.bin`` and is the ``beta`` setting (TRL's default
+0.1). prefprune's objective is the sigmoid DPO loss; what TRL can add to it is listed as not
+read in the sidecar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prefprune.data.messages import shared_items
+from prefprune.errors import ModelError
+from prefprune.integrations.trl import (
+    TRL_BETA,
+    TrlConfig,
+    TrlEncoder,
+    TrlOutput,
+    TrlTokenization,
+    card_base_model,
+    pair_key,
+)
+from prefprune.model.config import RewardModelConfig
+from prefprune.model.encoding import EncodingStats, PairBatch
+from prefprune.model.loading import ADAPTER_WEIGHTS, check_safetensors, load_causal_lm, quiet_peft
+from prefprune.model.policy import DPOPolicy, _padded
+
+#: The adapter name TRL gives its frozen copy of a pre-trained adapter, and the folder it
+#: saves that copy in.
+REFERENCE_ADAPTER = "ref"
+#: What a DPOTrainer run may add to the sigmoid DPO loss that prefprune's objective leaves out.
+NOT_READ = ("loss_type other than sigmoid, and label_smoothing, ld_alpha, use_weighting, "
+            "f_divergence_type", "truncation_mode='keep_end' (deprecated in TRL)",
+            "sync_ref_model (a reference that moves during training)",
+            "tools and chat_template_kwargs columns")
+
+
+def dpo_reading(config: TrlConfig) -> dict[str, Any]:
+    """The recipe fields of a DPOTrainer run that are not about its tokenizer (the reference
+    is added once it is loaded, :func:`as_dpo_trained`)."""
+    return {"reward_at": "the implicit reward β·(log π − log π_ref), log-probabilities summed "
+                         "over the response tokens",
+            "truncation": "keep_start: prompt + response cut to max_length at the end; a pair "
+                          "whose prompt alone fills max_length is dropped",
+            "not_read": NOT_READ, "beta": config.beta,
+            "beta_from": ("TRL's default; pass --trl-beta if the run set another"
+                          if config.beta == TRL_BETA else "the --trl-beta setting "
+                          "(training_args.bin is a pickle and is never opened)")}
+
+
+def as_dpo_trained(policy: Any, run: TrlOutput, recipe: TrlTokenization,
+                   config: TrlConfig) -> TrlTokenization:
+    """Give ``policy`` (loaded from ``run``) the run's rows and reference; the recipe with
+    the reference recorded."""
+    if not isinstance(policy, DPOPolicy):
+        raise ModelError(f"{run.folder}: a DPOTrainer output loaded as a reward model")
+    reference, origin = _set_reference(policy, run, config)
+    recipe = replace(recipe, reference=reference, reference_from=origin)
+    policy.encoder = TrlCompletionEncoder(policy.tokenizer, recipe)
+    return recipe
+
+
+def _set_reference(policy: DPOPolicy, run: TrlOutput, config: TrlConfig) -> tuple[str, str]:
+    """Make the policy's reference the run's (module docstring); (what it is, where from)."""
+    lora = (run.model_folder / "adapter_config.json").is_file()
+    copied = run.model_folder / REFERENCE_ADAPTER
+    if config.reference is not None:
+        source, origin = config.reference, "the --trl-reference setting"
+    elif _is_adapter(copied):
+        source, origin = str(copied), ("TRL's frozen copy of the adapter the run started from "
+                                       "(DPOTrainer was given a PEFT model)")
+    elif lora:
+        return ("the base model (the adapter disabled)",
+                "TRL's reference for an adapter it created: the base model")
+    elif (base := card_base_model(run)) is not None:
+        source, origin = base, "the model card's base_model (the model the run started from)"
+    else:
+        raise ModelError(f"{run.folder}: a full-weight DPO run, whose reference is the model "
+                         "it started from; the folder does not say which: pass "
+                         "--trl-reference MODEL")
+    if _is_adapter(Path(source)):
+        if not lora:
+            raise ModelError(f"{source}: a LoRA adapter cannot be the reference of a "
+                             f"full-weight run ({run.folder}); pass the model it started from")
+        _load_reference_adapter(policy.model, Path(source))
+        policy.reference_adapter = REFERENCE_ADAPTER
+    else:
+        policy.reference_model = _reference_model(source, policy.config)
+    return source, origin
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def _load_reference_adapter(model: nn.Module, folder: Path) -> None:
+    """The adapter of ``folder``, frozen, beside θ's, which stays the active one."""
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{folder}: no {ADAPTER_WEIGHTS} (pickled adapter weights are "
+                         "refused)")
+    check_safetensors(weights)
+    try:
+        with quiet_peft():
+            model.load_adapter(str(folder), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"{folder}: cannot load the reference adapter: {exc}") from exc
+
+
+def _reference_model(source: str, config: RewardModelConfig) -> nn.Module:
+    """A frozen causal LM to take reference log-probabilities from."""
+    model = load_causal_lm(source, config)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class TrlCompletionEncoder(TrlEncoder):
+    """Encodes pairs into the rows TRL's DPOTrainer trained on, with their completion masks
+    (module docstring); a drop-in for the policy's own encoder."""
+
+    def __init__(self, tokenizer: Any, recipe: TrlTokenization) -> None:
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+        self.max_length = recipe.max_length
+        self.stats = EncodingStats()
+
+    def split(self, prompt: str, chosen: str, rejected: str) -> tuple[int, list[list[int]]]:
+        """TRL's prompt length and the whole prompt + response ids of (chosen, rejected)."""
+        prompt_ids = self._ids(prompt)
+        full = [self._ids(prompt + self._closed(r)) for r in (chosen, rejected)]
+        return min(shared_items(prompt_ids, ids) for ids in full), full
+
+    def rows(self, prompt: str, chosen: str,
+             rejected: str) -> tuple[list[list[int]], list[list[int]]]:
+        """The (chosen, rejected) rows' token ids and completion masks, cut as TRL's collator
+        cuts them (keep_start)."""
+        return self._cut(*self.split(prompt, chosen, rejected))
+
+    def _cut(self, start: int, full: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        masks = [[0] * start + [1] * (len(ids) - start) for ids in full]
+        end = self.max_length
+        return [ids[:end] for ids in full], [mask[:end] for mask in masks]
+
+    def pair_key(self, prompt: str, chosen: str, rejected: str) -> int:
+        (chosen_ids, rejected_ids), _ = self.rows(prompt, chosen, rejected)
+        return pair_key(chosen_ids, rejected_ids)
+
+    def over_max_length(self, prompt: str, chosen: str, rejected: str) -> bool:
+        """The prompt alone fills max_length: DPOTrainer drops the pair (keep_start would
+        leave no response token)."""
+        return self.max_length is not None and \
+            self.split(prompt, chosen, rejected)[0] >= self.max_length
+
+    def __call__(self, prompts: Sequence[str], chosen: Sequence[str],
+                 rejected: Sequence[str]) -> PairBatch:
+        """Right-padded as TRL's collator pads them."""
+        splits = [self.split(p, c, r) for p, c, r in zip(prompts, chosen, rejected)]
+        if self.max_length is not None:
+            self.stats.responses_truncated += sum(len(ids) > self.max_length
+                                                  for _, full in splits for ids in full)
+        pairs = [self._cut(start, full) for start, full in splits]
+        ids = [pair[0][side] for side in (0, 1) for pair in pairs]
+        masks = [pair[1][side] for side in (0, 1) for pair in pairs]
+        return _padded(ids, masks, self.tokenizer.pad_token_id, len(prompts))
+
+    def _ids(self, text: str) -> list[int]:
+        """TRL's tokenization: a text with the tokenizer's special tokens, a rendered
+        conversation without (its template wrote them)."""
+        return self.tokenizer(text, add_special_tokens=not self.recipe.conversational,
+                              verbose=False)["input_ids"]
+
+    def _closed(self, response: str) -> str:
+        """A plain-text response with the eos token TRL appends when it does not end with it."""
+        eos = self.recipe.eos_token
+        if self.recipe.conversational or response.endswith(eos):
+            return response
+        return response + eos

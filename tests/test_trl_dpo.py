@@ -1,0 +1,203 @@
+"""A TRL DPOTrainer output read as TRL trained it: the real trainer on a tiny causal LM, and
+prefprune's rows, log-probabilities and implicit-reward margins for the training pairs equal
+TRL's own (docs/trl.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import assert_one_error_line, run_cli
+from peft import LoraConfig, get_peft_model
+from test_trl_reward import conversational_rows, plain_rows, write_jsonl
+from trl import DPOConfig, DPOTrainer
+
+from prefprune.data import DataOptions
+from prefprune.errors import ModelError
+from prefprune.integrations.trl import TrlConfig, trl_reading
+from prefprune.model import DPOPolicy, RewardModel
+from prefprune.pipeline import prepare_data, rendering_of
+from prefprune.scoring import score_pairs
+
+LORA = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SmolLM2-shaped Llama as a causal LM (its own seeded LM head), which is what
+    TRL's DPOTrainer loads."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("backbones") / "chat_llama_lm"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_chat_llama)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_chat_llama).save_pretrained(folder)
+    return folder
+
+
+def train_dpo(backbone: Path, rows: list[dict], out: Path, *, adapter: str | None = "new",
+              callbacks: tuple = (), epochs: int = 2, save_steps: int = 2,
+              **config) -> DPOTrainer:
+    """The real DPOTrainer, a few CPU steps on the ``train`` rows, checkpoints every
+    ``save_steps`` and the final model saved. ``adapter``: ``new`` (TRL creates a LoRA
+    adapter), ``peft`` (TRL is given a PEFT model whose adapter is already trained, and
+    trains it against a frozen copy) or None (full weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train = datasets.Dataset.from_list([r for r in rows if r["split"] == "train"])
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=4,
+                     num_train_epochs=epochs, learning_rate=5e-2, save_steps=save_steps,
+                     logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                     bf16=False, **config)
+    model: object = str(backbone)
+    if adapter == "peft":
+        torch.manual_seed(1)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(backbone),
+                               LoraConfig(**LORA, init_lora_weights=False))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train,
+                         processing_class=AutoTokenizer.from_pretrained(backbone),
+                         peft_config=LoraConfig(**LORA) if adapter == "new" else None,
+                         callbacks=list(callbacks))
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+def trl_values(trainer: DPOTrainer) -> dict[str, tuple[float, float, float, float, float]]:
+    """TRL's own values for each training pair (by id): the policy's and the reference's
+    log-probabilities of chosen and rejected, and the implicit-reward margin; from its rows,
+    its collator, its fused log-prob head and its reference."""
+    rows = trainer.train_dataset
+    batch = trainer.data_collator([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                   for r in rows])
+    model = trainer.model
+    model.eval()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logps = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(dim=1)
+        reference = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model or model, batch))
+    half = len(rows)
+    margins = trainer.beta * ((logps[:half] - reference[:half])
+                              - (logps[half:] - reference[half:]))
+    return {i: (logps[j].item(), logps[j + half].item(), reference[j].item(),
+                reference[j + half].item(), margins[j].item()) for j, i in enumerate(rows["id"])}
+
+
+def prefprune_view(out: Path, source: Path, trl: TrlConfig | None = None):
+    """The data and model as ``prefprune score`` reads them for a TRL output."""
+    rendering, config = trl_reading(out, source, DataOptions(), rendering_of(out),
+                                    trl or TrlConfig())
+    return prepare_data(source, rendering=rendering), RewardModel.load(out, trl=config)
+
+
+CASES = {
+    "plain-new-adapter": (plain_rows, "new", {}),
+    "conversational-new-adapter": (conversational_rows, "new", {}),
+    # TRL's frozen "ref" copy of the adapter it was given is the reference (saved in ref/)
+    "plain-given-adapter": (plain_rows, "peft", {}),
+    # full weights: the reference is the model the run started from, named by the flag
+    "conversational-full-weights": (conversational_rows, None, {"beta": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rows_log_probs_and_margins_equal_trl(case, tiny_lm, tmp_path):
+    rows_of, adapter, config = CASES[case]
+    rows = rows_of()
+    source = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    trainer = train_dpo(tiny_lm, rows, tmp_path / "run", adapter=adapter, **config)
+    settings = TrlConfig(beta=config.get("beta", 0.1),
+                         reference=str(tiny_lm) if adapter is None else None)
+    data, model = prefprune_view(tmp_path / "run", source, settings)
+    assert isinstance(model, DPOPolicy)
+    recipe = model.metadata["trl"]
+    assert (recipe["objective"], recipe["beta"]) == ("dpo", trainer.beta)
+    assert recipe["data"] == ("conversational" if "conv" in case else "plain")
+    assert recipe["reference"] == {"new": "the base model (the adapter disabled)",
+                                   "peft": str(tmp_path / "run" / "ref"),
+                                   None: str(tiny_lm)}[adapter]
+
+    train = data.splits["train"]
+    trl_rows = {r["id"]: r for r in trainer.train_dataset}
+    for pair in train:
+        (chosen, rejected), masks = model.encoder.rows(pair["prompt"], pair["chosen"],
+                                                       pair["rejected"])
+        row = trl_rows[pair["id"]]
+        assert chosen == row["prompt_ids"] + row["chosen_ids"]
+        assert rejected == row["prompt_ids"] + row["rejected_ids"]
+        assert masks[0].count(0) == masks[1].count(0) == len(row["prompt_ids"])
+    expected = trl_values(trainer)
+    batch = model.encode_pairs(train["prompt"], train["chosen"], train["rejected"])
+    with torch.no_grad():
+        logps = model.policy_logps(batch).view(2, -1).T
+        reference = model.reference_logps(batch).view(2, -1).T
+        margins = model.margins(batch)
+    ours = torch.cat([logps.double(), reference, margins.double()[:, None]], dim=1)
+    assert len(train) == len(expected) == 8
+    np.testing.assert_allclose(ours, [expected[i] for i in train["id"]], atol=1e-4, rtol=0)
+    assert max(abs(v[-1]) for v in expected.values()) > 1e-2  # trained: θ ≠ reference
+
+
+def test_truncation_keeps_the_start_and_drops_what_trl_dropped(tiny_lm, tmp_path):
+    """max_length cuts prompt + response at the end, as TRL's collator does, and a pair whose
+    prompt alone fills it is left out, as TRL left it out."""
+    rows = plain_rows()
+    rows[0]["prompt"] += " context" * 40
+    rows[1]["chosen"] += " and a much longer tail" * 8
+    source = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    trainer = train_dpo(tiny_lm, rows, tmp_path / "run", max_length=40)
+    assert "t0" not in trainer.train_dataset["id"]
+    data, model = prefprune_view(tmp_path / "run", source, TrlConfig(max_length=40))
+    outcome = score_pairs(data, model, progress=False)
+    assert outcome.result.metadata["trl"]["dropped_over_max_length"] == ["t0"]
+    table = outcome.result.table.set_index("id")
+    expected = trl_values(trainer)
+    assert sorted(table.index) == sorted(expected)
+    np.testing.assert_allclose(table.loc[list(expected), "margin"],
+                               [v[-1] for v in expected.values()], atol=1e-4, rtol=0)
+    (chosen, _), _ = model.encoder.rows(*(rows[1][k] for k in ("prompt", "chosen", "rejected")))
+    assert len(chosen) == 40
+
+
+def test_score_and_evaluate_commands_read_the_run_as_trl_did(tiny_lm, tmp_path):
+    rows = conversational_rows()
+    source = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    expected = trl_values(train_dpo(tiny_lm, rows, tmp_path / "run", beta=0.3))
+    out = tmp_path / "scores.parquet"
+    scored = run_cli("score", source, "--model", tmp_path / "run", "--trl-beta", "0.3",
+                     "--output", out, "--scores", "if,loss", "--quiet")
+    assert scored.exit_code == 0, scored.output
+    recipe = json.loads(out.with_suffix(".json").read_text())["trl"]
+    assert (recipe["objective"], recipe["beta"], recipe["data"]) == ("dpo", 0.3, "conversational")
+    assert recipe["beta_from"].startswith("the --trl-beta setting")
+    assert recipe["reference"] == "the base model (the adapter disabled)"
+    assert recipe["truncation"].startswith("keep_start")
+    table = pd.read_parquet(out).set_index("id")
+    np.testing.assert_allclose(table.loc[list(expected), "margin"],
+                               [v[-1] for v in expected.values()], atol=1e-4, rtol=0)
+    evaluated = run_cli("evaluate", tmp_path / "run", source, "--split", "train",
+                        "--trl-beta", "0.3", "--json", "--quiet")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout)["metrics"]["train"]
+    assert metrics["pairs"] == len(expected)
+    assert metrics["margin_mean"] == pytest.approx(np.mean([v[-1] for v in expected.values()]),
+                                                   abs=1e-4)
+
+
+def test_what_the_folder_cannot_say_is_asked_for(tiny_lm, tmp_path):
+    rows = plain_rows()
+    source = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    train_dpo(tiny_lm, rows, tmp_path / "run", adapter=None, epochs=1, save_steps=10)
+    result = run_cli("evaluate", tmp_path / "run", source, "--quiet")
+    assert "--trl-reference" in assert_one_error_line(result, 1)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="cannot be the reference of a full-weight run"):
+        RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain",
+                                                         reference=str(tmp_path / "adapter")))
