@@ -5,6 +5,7 @@ TRL's own (docs/trl.md)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -18,8 +19,9 @@ from test_trl_reward import conversational_rows, plain_rows, write_jsonl
 from trl import DPOConfig, DPOTrainer
 
 from prefprune.data import DataOptions
-from prefprune.errors import ModelError
+from prefprune.errors import ModelError, PrefpruneWarning
 from prefprune.integrations.trl import TrlConfig, trl_reading
+from prefprune.integrations.trl_args import saved_training_args
 from prefprune.model import DPOPolicy, RewardModel
 from prefprune.pipeline import prepare_data, rendering_of
 from prefprune.scoring import score_pairs
@@ -112,12 +114,12 @@ def test_rows_log_probs_and_margins_equal_trl(case, tiny_lm, tmp_path):
     rows = rows_of()
     source = write_jsonl(rows, tmp_path / "pairs.jsonl")
     trainer = train_dpo(tiny_lm, rows, tmp_path / "run", adapter=adapter, **config)
-    settings = TrlConfig(beta=config.get("beta", 0.1),
-                         reference=str(tiny_lm) if adapter is None else None)
+    settings = TrlConfig(reference=str(tiny_lm) if adapter is None else None)
     data, model = prefprune_view(tmp_path / "run", source, settings)
     assert isinstance(model, DPOPolicy)
     recipe = model.metadata["trl"]
     assert (recipe["objective"], recipe["beta"]) == ("dpo", trainer.beta)
+    assert recipe["beta_from"] == "the run's training_args.bin"
     assert recipe["data"] == ("conversational" if "conv" in case else "plain")
     assert recipe["reference"] == {"new": "the base model (the adapter disabled)",
                                    "peft": str(tmp_path / "run" / "ref"),
@@ -144,25 +146,34 @@ def test_rows_log_probs_and_margins_equal_trl(case, tiny_lm, tmp_path):
     assert max(abs(v[-1]) for v in expected.values()) > 1e-2  # trained: θ ≠ reference
 
 
-def test_truncation_keeps_the_start_and_drops_what_trl_dropped(tiny_lm, tmp_path):
-    """max_length cuts prompt + response at the end, as TRL's collator does, and a pair whose
-    prompt alone fills it is left out, as TRL left it out."""
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_truncation_and_dropping_are_trls(mode, tiny_lm, tmp_path):
+    """max_length (read from the run) cuts prompt + response as TRL's collator does, at the end
+    or at the start, and a pair whose prompt alone fills it is left out exactly when TRL left
+    it out (keep_start)."""
     rows = plain_rows()
     rows[0]["prompt"] += " context" * 40
     rows[1]["chosen"] += " and a much longer tail" * 8
     source = write_jsonl(rows, tmp_path / "pairs.jsonl")
-    trainer = train_dpo(tiny_lm, rows, tmp_path / "run", max_length=40)
-    assert "t0" not in trainer.train_dataset["id"]
-    data, model = prefprune_view(tmp_path / "run", source, TrlConfig(max_length=40))
+    trainer = train_dpo(tiny_lm, rows, tmp_path / "run", max_length=40, truncation_mode=mode)
+    data, model = prefprune_view(tmp_path / "run", source)
     outcome = score_pairs(data, model, progress=False)
-    assert outcome.result.metadata["trl"]["dropped_over_max_length"] == ["t0"]
+    recipe = outcome.result.metadata["trl"]
+    assert (recipe["max_length"], recipe["truncation_mode"]) == (40, mode)
+    assert recipe["dropped_over_max_length"] == (["t0"] if mode == "keep_start" else [])
     table = outcome.result.table.set_index("id")
     expected = trl_values(trainer)
     assert sorted(table.index) == sorted(expected)
     np.testing.assert_allclose(table.loc[list(expected), "margin"],
                                [v[-1] for v in expected.values()], atol=1e-4, rtol=0)
-    (chosen, _), _ = model.encoder.rows(*(rows[1][k] for k in ("prompt", "chosen", "rejected")))
-    assert len(chosen) == 40
+    trl_rows = {r["id"]: r for r in trainer.train_dataset}
+    for i in ("t1",) if mode == "keep_start" else ("t0", "t1"):
+        pair = rows[int(i[1:])]
+        (chosen, _), (mask, _) = model.encoder.rows(pair["prompt"], pair["chosen"],
+                                                    pair["rejected"])
+        full = trl_rows[i]["prompt_ids"] + trl_rows[i]["chosen_ids"]
+        assert chosen == (full[:40] if mode == "keep_start" else full[-40:])
+        assert len(chosen) == len(mask) == 40
 
 
 def test_score_and_evaluate_commands_read_the_run_as_trl_did(tiny_lm, tmp_path):
@@ -170,17 +181,18 @@ def test_score_and_evaluate_commands_read_the_run_as_trl_did(tiny_lm, tmp_path):
     source = write_jsonl(rows, tmp_path / "pairs.jsonl")
     expected = trl_values(train_dpo(tiny_lm, rows, tmp_path / "run", beta=0.3))
     out = tmp_path / "scores.parquet"
-    scored = run_cli("score", source, "--model", tmp_path / "run", "--trl-beta", "0.3",
-                     "--output", out, "--scores", "if,loss", "--quiet")
+    scored = run_cli("score", source, "--model", tmp_path / "run", "--output", out,
+                     "--scores", "if,loss", "--quiet")
     assert scored.exit_code == 0, scored.output
     recipe = json.loads(out.with_suffix(".json").read_text())["trl"]
     assert (recipe["objective"], recipe["beta"], recipe["data"]) == ("dpo", 0.3, "conversational")
-    assert recipe["beta_from"].startswith("the --trl-beta setting")
+    assert recipe["beta_from"] == "the run's training_args.bin"
     assert recipe["reference"] == "the base model (the adapter disabled)"
     assert recipe["truncation"].startswith("keep_start")
     table = pd.read_parquet(out).set_index("id")
     np.testing.assert_allclose(table.loc[list(expected), "margin"],
                                [v[-1] for v in expected.values()], atol=1e-4, rtol=0)
+    (tmp_path / "run" / "training_args.bin").unlink()  # gone: β is the flag's
     evaluated = run_cli("evaluate", tmp_path / "run", source, "--split", "train",
                         "--trl-beta", "0.3", "--json", "--quiet")
     assert evaluated.exit_code == 0, evaluated.output
@@ -201,3 +213,31 @@ def test_what_the_folder_cannot_say_is_asked_for(tiny_lm, tmp_path):
     with pytest.raises(ModelError, match="cannot be the reference of a full-weight run"):
         RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain",
                                                          reference=str(tmp_path / "adapter")))
+    torch.save(DPOConfig(output_dir=str(tmp_path), loss_type=["ipo"], report_to=[],
+                         use_cpu=True, bf16=False),
+               tmp_path / "run" / "training_args.bin")
+    with pytest.warns(PrefpruneWarning, match=r"loss_type \['ipo'\].*sigmoid"):
+        RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain", reference=str(tiny_lm)))
+
+
+class _Payload:
+    """What a hostile pickle holds: loading it for real would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_training_args_are_read_as_values_and_never_run(tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.2, max_length=77, report_to=[],
+                     use_cpu=True, bf16=False)
+    args.payload = _Payload(tmp_path / "ran")
+    torch.save(args, tmp_path / "training_args.bin")
+    saved = saved_training_args(tmp_path)
+    assert not (tmp_path / "ran").exists()
+    assert (saved["beta"], saved["max_length"], saved["loss_type"]) == (0.2, 77, ["sigmoid"])
+    assert "payload" not in saved and "eval_strategy" not in saved  # not plain values
+    (tmp_path / "training_args.bin").write_bytes(b"not a zip")
+    assert saved_training_args(tmp_path) == {}

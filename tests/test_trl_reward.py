@@ -146,7 +146,8 @@ def test_score_command_reads_the_run_as_trl_did_and_says_so(tiny_chat_llama, tmp
     recipe = sidecar["trl"]
     assert recipe["objective"] == "reward"
     assert (recipe["data"], recipe["data_from"]) == ("conversational", "the data's first record")
-    assert recipe["max_length"] == 1024 and "default" in recipe["max_length_from"]
+    assert (recipe["max_length"], recipe["max_length_from"]) == (1024, "the run's "
+                                                                 "training_args.bin")
     assert recipe["eos_token"] == recipe["pad_token"] == "<|im_end|>"
     assert recipe["dropped_over_max_length"] == []
     import pandas as pd
@@ -174,10 +175,14 @@ def test_pairs_over_max_length_are_left_out_as_trl_left_them_out(tiny_chat_llama
     source = write_jsonl(rows, tmp_path / "pairs.jsonl")
     trainer = train_trl(tiny_chat_llama, rows, tmp_path / "run", max_length=40)
     assert "t0" not in trainer.train_dataset["id"]
-    data, model = prefprune_view(tmp_path / "run", source, TrlConfig(max_length=40))
+    data, model = prefprune_view(tmp_path / "run", source)  # max_length: training_args.bin
     outcome = score_pairs(data, model, progress=False)
+    assert outcome.result.metadata["trl"]["max_length"] == 40
     assert outcome.result.metadata["trl"]["dropped_over_max_length"] == ["t0"]
     assert sorted(outcome.result.table["id"]) == sorted(trainer.train_dataset["id"])
+    (tmp_path / "run" / "training_args.bin").unlink()  # gone: the flag says it
+    model = RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain", max_length=40))
+    assert model.metadata["trl"]["max_length_from"] == "the --trl-max-length setting"
 
 
 def test_a_run_without_a_final_model_loads_its_latest_checkpoint(tiny_chat_llama, tmp_path):

@@ -22,10 +22,12 @@ reference); what follows is the ``RewardTrainer``. TRL 1.16 encodes a pair like 
   the tokens before them does not depend on.
 
 What the folder says is read from its JSON and tokenizer files (the eos and pad tokens TRL
-set, the chat template, the objective from the model card's tags); ``training_args.bin`` is a
-pickle and is never opened, so what only it holds (``max_length``, DPO's β and a reference
-model given to the trainer) comes from the user (:class:`TrlConfig`), and whether the data
-was conversational from the data itself, by TRL's own test (:func:`trl_reading`).
+set, the chat template, the objective from the model card's tags) and from its
+``training_args.bin`` (``max_length``, DPO's β), read as plain values without running the
+pickle (:mod:`prefprune.integrations.trl_args`); :class:`TrlConfig` overrides them or stands
+in when that file is gone, and names what no file holds (a reference model given to the
+trainer). Whether the data was conversational comes from the data itself, by TRL's own test
+(:func:`trl_reading`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from prefprune.data import DataOptions, default_dataset_path
 from prefprune.data.loader import open_source
 from prefprune.data.messages import PLAIN, Rendering
 from prefprune.errors import ModelError
+from prefprune.integrations.trl_args import ARGS_FILE, saved_training_args
 from prefprune.model.encoding import EncodingStats, PairBatch
 from prefprune.model.loading import ADAPTER_WEIGHTS, head_name
 
@@ -55,15 +58,18 @@ from prefprune.model.loading import ADAPTER_WEIGHTS, head_name
 OBJECTIVES = {"reward-trainer": "reward", "dpo": "dpo"}
 #: TRL's own default for ``RewardConfig.max_length`` and ``DPOConfig.max_length``.
 TRL_MAX_LENGTH = 1024
-#: TRL's own default for ``DPOConfig.beta``.
+#: TRL's own defaults for ``DPOConfig.beta``, ``truncation_mode`` and ``loss_type``.
 TRL_BETA = 0.1
+TRL_TRUNCATION = "keep_start"
+TRL_LOSS = ["sigmoid"]
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
 @dataclass(frozen=True)
 class TrlConfig(Settings):
-    """What a TRL run's folder cannot say: the settings only its pickled training arguments
-    hold, and which of its saved checkpoints to score (docs/trl.md)."""
+    """What a TRL run's folder may not say (the settings of a run whose training_args.bin is
+    gone or unreadable, a reference it was given), what to override, and which of its saved
+    checkpoints to score (docs/trl.md)."""
 
     section: ClassVar[str] = "trl"
 
@@ -73,15 +79,15 @@ class TrlConfig(Settings):
              "saved checkpoint and combine them, each weighted by its learning rate from "
              "trainer_state.json (TracIn-CP).")
     max_length: int | None = setting(
-        TRL_MAX_LENGTH, min=1, negatable=True,
+        None, min=1,
         help="The max_length the TRL run trained with: RewardTrainer dropped the pairs with a "
-             "side longer than this; DPOTrainer cut prompt + response at its end and dropped "
-             "the pairs whose prompt alone filled it. It is kept only in the pickled "
-             "training_args.bin, which prefprune never opens. Default: TRL's default.")
-    beta: float = setting(
-        TRL_BETA, above=0.0,
-        help="The beta a DPOTrainer run trained with (DPOConfig.beta), kept only in the "
-             "pickled training_args.bin. Default: TRL's default.")
+             "side longer than this; DPOTrainer cut prompt + response to it and dropped the "
+             "pairs whose prompt alone filled it. Default: the run's training_args.bin, else "
+             "TRL's default.")
+    beta: float | None = setting(
+        None, above=0.0,
+        help="The beta a DPOTrainer run trained with (DPOConfig.beta). Default: the run's "
+             "training_args.bin, else TRL's default.")
     reference: str | None = setting(
         None, metavar="DIR",
         help="The reference of a DPOTrainer run when its folder does not hold it: the model "
@@ -242,9 +248,12 @@ class TrlTokenization:
     truncation: str = "none: a pair with a side longer than max_length is dropped"
     not_read: tuple[str, ...] = ("center_rewards_coefficient", "a per-pair margin column",
                                  "tools and chat_template_kwargs columns")
-    #: DPO only: β and the reference, each with where it came from.
+    #: DPO only: β and the reference, each with where it came from, how rows were cut to
+    #: max_length and the loss the run trained with.
     beta: float | None = None
     beta_from: str | None = None
+    truncation_mode: str | None = None
+    loss_type: list[str] | None = None
     reference: str | None = None
     reference_from: str | None = None
 
@@ -257,12 +266,24 @@ class TrlTokenization:
                 "not_read": list(self.not_read)}
 
 
+def run_setting(run: TrlOutput, name: str, given: Any, default: Any) -> tuple[Any, str]:
+    """A training argument of ``run``: ``given`` (the user's ``--trl-<name>``) when set, else
+    what the run's training_args.bin holds, else TRL's default; with where it came from."""
+    if given is not None:
+        return given, f"the --trl-{name.replace('_', '-')} setting"
+    saved = saved_training_args(run.model_folder, run.folder)
+    if name in saved:
+        return saved[name], f"the run's {ARGS_FILE}"
+    return default, f"TRL's default (the run has no readable {ARGS_FILE})"
+
+
 def trl_objective(run: TrlOutput | None, config: TrlConfig | None) -> dict[str, Any]:
     """The model settings (:class:`~prefprune.model.RewardModelConfig` fields) the objective of
     ``run`` needs beyond the defaults: DPO and its β for a DPOTrainer run."""
     if run is None or run.objective != "dpo":
         return {}
-    return {"objective": "dpo", "beta": (config or TrlConfig()).beta}
+    return {"objective": "dpo",
+            "beta": run_setting(run, "beta", (config or TrlConfig()).beta, TRL_BETA)[0]}
 
 
 def as_trl_trained(model: Any, run: TrlOutput, config: TrlConfig) -> None:
@@ -289,20 +310,19 @@ def trl_tokenization(run: TrlOutput, tokenizer: Any, model: torch.nn.Module,
     if data == "plain" and tokenizer.eos_token is None:
         raise ModelError(f"{run.folder}: its tokenizer has no eos token, which TRL appends to "
                          "plain-text responses; was the run given an eos_token?")
+    max_length, max_length_from = run_setting(run, "max_length", config.max_length,
+                                              TRL_MAX_LENGTH)
     common = dict(
         objective=run.objective, folder=str(run.folder), model_folder=str(run.model_folder),
         data=data, data_from=data_from, eos_token=tokenizer.eos_token,
         pad_token=tokenizer.pad_token,
         tokens_from=f"{run.model_folder}'s tokenizer files (TRL saves the eos and pad tokens "
                     "and the chat template it used)",
-        max_length=config.max_length,
-        max_length_from=("TRL's default; pass --trl-max-length if the run set another"
-                         if config.max_length == TRL_MAX_LENGTH else "the --trl-max-length "
-                         "setting (training_args.bin is a pickle and is never opened)"))
+        max_length=max_length, max_length_from=max_length_from)
     if run.objective == "dpo":
         from prefprune.integrations.trl_dpo import dpo_reading
 
-        return TrlTokenization(**common, **dpo_reading(config))
+        return TrlTokenization(**common, **dpo_reading(run, config))
     per_position = head_name(model.get_base_model() if hasattr(model, "get_base_model")
                              else model) == "score"
     return TrlTokenization(**common, reward_at=("the last token that is not the pad token"

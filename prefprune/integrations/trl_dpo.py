@@ -11,9 +11,10 @@ TRL 1.16's DPOTrainer builds a pair's rows like this (``DPOTrainer._prepare_data
   with its generation prompt) and are tokenized without adding special tokens;
 * the response starts where the prompt's tokens and both prompt + response sequences first
   differ (a template may render the prompt alone differently);
-* **truncation keeps the start**: prompt + response is cut to ``max_length`` (default 1024)
-  at its end, so a long prompt leaves little or nothing of the response; a pair whose prompt
-  alone fills ``max_length`` is dropped. prefprune's own
+* **truncation** (``truncation_mode``): ``keep_start``, TRL's default, cuts prompt + response
+  to ``max_length`` (default 1024) at its end, so a long prompt leaves little or nothing of the
+  response, and drops a pair whose prompt alone fills ``max_length``; ``keep_end`` cuts at the
+  start and drops nothing. prefprune's own
   :class:`~prefprune.model.policy.CompletionEncoder` cuts the prompt from the left instead;
 * rows are padded on the right with the pad token (TRL sets it to the eos token when the
   tokenizer has none, and saves it), with a completion mask over the response tokens.
@@ -29,13 +30,15 @@ The reference (what ``log π_ref`` is) is read from the folder:
 * anything else (``DPOTrainer(ref_model=...)``, a full-weight run from a local folder, a ``ref``
   adapter that was not saved) is the ``reference`` setting.
 
-β lives only in the pickled ``training_args.bin`` and is the ``beta`` setting (TRL's default
-0.1). prefprune's objective is the sigmoid DPO loss; what TRL can add to it is listed as not
-read in the sidecar.
+β, ``max_length``, ``truncation_mode`` and ``loss_type`` come from the run's
+``training_args.bin`` (TRL's defaults when it is gone; ``--trl-beta`` and ``--trl-max-length``
+override). prefprune's objective is the sigmoid DPO loss; what TRL can add to it is listed as
+not read in the sidecar.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,15 +47,18 @@ from typing import Any
 from torch import nn
 
 from prefprune.data.messages import shared_items
-from prefprune.errors import ModelError
+from prefprune.errors import ModelError, PrefpruneWarning
 from prefprune.integrations.trl import (
     TRL_BETA,
+    TRL_LOSS,
+    TRL_TRUNCATION,
     TrlConfig,
     TrlEncoder,
     TrlOutput,
     TrlTokenization,
     card_base_model,
     pair_key,
+    run_setting,
 )
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import EncodingStats, PairBatch
@@ -63,23 +69,35 @@ from prefprune.model.policy import DPOPolicy, _padded
 #: saves that copy in.
 REFERENCE_ADAPTER = "ref"
 #: What a DPOTrainer run may add to the sigmoid DPO loss that prefprune's objective leaves out.
-NOT_READ = ("loss_type other than sigmoid, and label_smoothing, ld_alpha, use_weighting, "
-            "f_divergence_type", "truncation_mode='keep_end' (deprecated in TRL)",
+NOT_READ = ("loss_type other than sigmoid (scored as sigmoid, with a warning), and "
+            "label_smoothing, ld_alpha, use_weighting, f_divergence_type",
             "sync_ref_model (a reference that moves during training)",
             "tools and chat_template_kwargs columns")
+#: How DPOTrainer's collator cuts prompt + response to max_length, by truncation_mode.
+TRUNCATIONS = {"keep_start": "keep_start: prompt + response cut to max_length at the end; a "
+                             "pair whose prompt alone fills max_length is dropped",
+               "keep_end": "keep_end: prompt + response cut to max_length at the start; no "
+                           "pair is dropped"}
 
 
-def dpo_reading(config: TrlConfig) -> dict[str, Any]:
+def dpo_reading(run: TrlOutput, config: TrlConfig) -> dict[str, Any]:
     """The recipe fields of a DPOTrainer run that are not about its tokenizer (the reference
-    is added once it is loaded, :func:`as_dpo_trained`)."""
+    is added once it is loaded, :func:`as_dpo_trained`). A loss other than the sigmoid one is
+    scored as the sigmoid loss, with a warning that says so."""
+    beta, beta_from = run_setting(run, "beta", config.beta, TRL_BETA)
+    mode, _ = run_setting(run, "truncation_mode", None, TRL_TRUNCATION)
+    if mode not in TRUNCATIONS:
+        raise ModelError(f"{run.folder}: truncation_mode {mode!r} is not one TRL 1.16 knows")
+    loss, loss_from = run_setting(run, "loss_type", None, TRL_LOSS)
+    losses = [loss] if isinstance(loss, str) else list(loss)
+    if losses != ["sigmoid"]:
+        warnings.warn(f"{run.folder}: trained with loss_type {losses} ({loss_from}); prefprune "
+                      "scores the sigmoid DPO loss on the same implicit rewards",
+                      PrefpruneWarning, stacklevel=2)
     return {"reward_at": "the implicit reward β·(log π − log π_ref), log-probabilities summed "
                          "over the response tokens",
-            "truncation": "keep_start: prompt + response cut to max_length at the end; a pair "
-                          "whose prompt alone fills max_length is dropped",
-            "not_read": NOT_READ, "beta": config.beta,
-            "beta_from": ("TRL's default; pass --trl-beta if the run set another"
-                          if config.beta == TRL_BETA else "the --trl-beta setting "
-                          "(training_args.bin is a pickle and is never opened)")}
+            "truncation": TRUNCATIONS[mode], "truncation_mode": mode,
+            "not_read": NOT_READ, "beta": beta, "beta_from": beta_from, "loss_type": losses}
 
 
 def as_dpo_trained(policy: Any, run: TrlOutput, recipe: TrlTokenization,
@@ -156,6 +174,7 @@ class TrlCompletionEncoder(TrlEncoder):
         self.tokenizer = tokenizer
         self.recipe = recipe
         self.max_length = recipe.max_length
+        self.keep_end = recipe.truncation_mode == "keep_end"
         self.stats = EncodingStats()
 
     def split(self, prompt: str, chosen: str, rejected: str) -> tuple[int, list[list[int]]]:
@@ -167,22 +186,24 @@ class TrlCompletionEncoder(TrlEncoder):
     def rows(self, prompt: str, chosen: str,
              rejected: str) -> tuple[list[list[int]], list[list[int]]]:
         """The (chosen, rejected) rows' token ids and completion masks, cut as TRL's collator
-        cuts them (keep_start)."""
+        cuts them."""
         return self._cut(*self.split(prompt, chosen, rejected))
 
     def _cut(self, start: int, full: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
         masks = [[0] * start + [1] * (len(ids) - start) for ids in full]
-        end = self.max_length
-        return [ids[:end] for ids in full], [mask[:end] for mask in masks]
+        if self.max_length is None:
+            return full, masks
+        kept = slice(-self.max_length, None) if self.keep_end else slice(self.max_length)
+        return [ids[kept] for ids in full], [mask[kept] for mask in masks]
 
     def pair_key(self, prompt: str, chosen: str, rejected: str) -> int:
         (chosen_ids, rejected_ids), _ = self.rows(prompt, chosen, rejected)
         return pair_key(chosen_ids, rejected_ids)
 
     def over_max_length(self, prompt: str, chosen: str, rejected: str) -> bool:
-        """The prompt alone fills max_length: DPOTrainer drops the pair (keep_start would
-        leave no response token)."""
-        return self.max_length is not None and \
+        """The prompt alone fills max_length: DPOTrainer drops the pair when it keeps the start
+        (no response token would be left), never when it keeps the end."""
+        return self.max_length is not None and not self.keep_end and \
             self.split(prompt, chosen, rejected)[0] >= self.max_length
 
     def __call__(self, prompts: Sequence[str], chosen: Sequence[str],
@@ -190,8 +211,11 @@ class TrlCompletionEncoder(TrlEncoder):
         """Right-padded as TRL's collator pads them."""
         splits = [self.split(p, c, r) for p, c, r in zip(prompts, chosen, rejected)]
         if self.max_length is not None:
-            self.stats.responses_truncated += sum(len(ids) > self.max_length
-                                                  for _, full in splits for ids in full)
+            cut = sum(len(ids) > self.max_length for _, full in splits for ids in full)
+            if self.keep_end:
+                self.stats.prompts_truncated += cut
+            else:
+                self.stats.responses_truncated += cut
         pairs = [self._cut(start, full) for start, full in splits]
         ids = [pair[0][side] for side in (0, 1) for pair in pairs]
         masks = [pair[1][side] for side in (0, 1) for pair in pairs]
