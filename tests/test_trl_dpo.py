@@ -19,7 +19,10 @@ from test_trl_reward import conversational_rows, plain_rows, write_jsonl
 from trl import DPOConfig, DPOTrainer
 
 from prefprune.data import DataOptions
-from prefprune.errors import ModelError, PrefpruneWarning
+from prefprune.errors import InfluenceError, ModelError, PrefpruneWarning
+from prefprune.influence.gradients import MarginGradientComputer
+from prefprune.integrations import PrefpruneCallback
+from prefprune.integrations.records import read_record
 from prefprune.integrations.trl import TrlConfig, trl_reading
 from prefprune.integrations.trl_args import saved_training_args
 from prefprune.model import DPOPolicy, RewardModel
@@ -241,3 +244,60 @@ def test_training_args_are_read_as_values_and_never_run(tmp_path):
     assert "payload" not in saved and "eval_strategy" not in saved  # not plain values
     (tmp_path / "training_args.bin").write_bytes(b"not a zip")
     assert saved_training_args(tmp_path) == {}
+
+
+@pytest.fixture(scope="module")
+def recorded_dpo(tiny_lm, tmp_path_factory) -> tuple[Path, Path]:
+    """A DPOTrainer LoRA run recorded by the callback, and its data: two epochs of one
+    optimiser step each (two micro-batches of 4, accumulated), a checkpoint after every
+    step."""
+    root = tmp_path_factory.mktemp("dpo")
+    rows = plain_rows()
+    train_dpo(tiny_lm, rows, root / "run", callbacks=(PrefpruneCallback(),), save_steps=1,
+              gradient_accumulation_steps=2)
+    return root / "run", write_jsonl(rows, root / "pairs.jsonl")
+
+
+def test_the_callback_records_each_pair_as_trl_took_it(recorded_dpo):
+    """checkpoint-2's record comes from TRL's backward in step 2, at checkpoint-1's
+    parameters: it equals the margins and margin gradients taken afresh at checkpoint-1."""
+    run, source = recorded_dpo
+    record = read_record(run / "checkpoint-2")
+    assert record is not None and record.steps.tolist() == [2] * 8
+    before = RewardModel.load(run / "checkpoint-1", trl=TrlConfig(data="plain"))
+    pairs = [json.loads(line) for line in source.read_text().splitlines()][:8]
+    batch = before.encode_pairs(*([p[k] for p in pairs] for k in ("prompt", "chosen",
+                                                                   "rejected")))
+    fresh = MarginGradientComputer(before)(batch)
+    keys = [before.encoder.pair_key(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    order = [record.keys.tolist().index(k) for k in keys]
+    np.testing.assert_allclose(record.margins[order], fresh.margins, atol=1e-5)
+    np.testing.assert_allclose(record.margin_grads[order], fresh.margin_grads, atol=1e-5,
+                               rtol=1e-4)
+    assert record.parameters == [n for n, _ in before.trainable_parameters()]
+
+
+def test_score_checkpoints_of_a_dpo_run(recorded_dpo, tmp_path):
+    run, source = recorded_dpo
+    out = tmp_path / "scores.parquet"
+    result = run_cli("score", source, "--checkpoints", run, "--output", out,
+                     "--scores", "if,loss", "--quiet")
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    members = meta["checkpoints"]["members"]
+    assert [m["step"] for m in members] == [1, 2]
+    assert [m["gradients"]["recorded"] for m in members] == [8, 0]
+    assert members[0]["learning_rate"] > members[1]["learning_rate"] > 0
+    assert meta["trl"]["objective"] == "dpo" and meta["ensemble"]["members"] == 2
+    table = pd.read_parquet(out)
+    weights = np.array([m["learning_rate"] for m in members])
+    tables = [pd.read_parquet(tmp_path / "scores.parquet.work" / "checkpoints" /
+                              f"checkpoint-{k}.parquet") for k in (1, 2)]
+    z = np.stack([(t["if"] - t["if"].mean()) / t["if"].std(ddof=0) for t in tables])
+    np.testing.assert_allclose(table["if_ens"], weights @ z / weights.sum(), atol=1e-9)
+
+
+def test_the_callback_refuses_what_it_cannot_record(tiny_lm, tmp_path):
+    with pytest.raises(InfluenceError, match="precompute_ref_log_probs"):
+        train_dpo(tiny_lm, plain_rows(), tmp_path / "run", callbacks=(PrefpruneCallback(),),
+                  precompute_ref_log_probs=True)

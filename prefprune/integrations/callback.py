@@ -1,17 +1,20 @@
-"""``PrefpruneCallback``: record, while TRL's RewardTrainer trains, the per-pair gradients that
-scoring its checkpoints needs, so ``prefprune score --checkpoints`` runs no gradient pass over
-the training pairs (docs/trl.md).
+"""``PrefpruneCallback``: record, while TRL's RewardTrainer or DPOTrainer trains, the per-pair
+gradients that scoring its checkpoints needs, so ``prefprune score --checkpoints`` runs no
+gradient pass over the training pairs (docs/trl.md).
 
 Scoring a checkpoint needs every training pair's margin ``m`` and margin gradient ``∇m`` over
 θ (LoRA + head); TRL's own training step already computes them, summed. Forward hooks keep
 each trainable linear layer's input and, through a tensor hook, the gradient TRL's backward
-sends to its output; a hook on the classifier keeps the rewards, the tokens and the gradient
-of the loss in each reward ``∂L/∂r``. Each row's exact weight gradient is then rebuilt from
-them as in :mod:`prefprune.influence.gradients` and divided by that row's ``∂L/∂r``, which
-gives ``∇r`` whatever scales TRL's loss (the batch mean, gradient accumulation, a reward
-centring term). Nothing runs the model again. ``∇m = ∇r_chosen − ∇r_rejected`` and ``m`` are
-kept per pair, at its latest visit, and written into every checkpoint TRL saves
-(:mod:`prefprune.integrations.records`); a run resumed from a checkpoint resumes its record.
+sends to its output; a hook on the model keeps, per row, the value the loss is a function of
+and the loss's gradient in it: a reward model's reward ``r`` (``∂L/∂r``), a DPO policy's
+``log π(y|x)`` (``∂L/∂log π``, the same at every token, as TRL sums them), whose reference
+value the hook takes from TRL's reference forward right after. Each row's exact weight
+gradient is then rebuilt from them as in :mod:`prefprune.influence.gradients` and divided by
+that row's slope, which gives ``∇r`` (for DPO ``β·∇log π``) whatever scales TRL's loss (the
+batch mean, gradient accumulation, a reward centring term). Nothing runs the model again.
+``∇m = ∇r_chosen − ∇r_rejected`` and ``m`` are kept per pair, at its latest visit, and
+written into every checkpoint TRL saves (:mod:`prefprune.integrations.records`); a run
+resumed from a checkpoint resumes its record.
 As in prefprune's own checkpoint ensembles (:mod:`prefprune.checkpoints`), a pair's gradient
 is the one taken at the step that last visited it.
 """
@@ -37,8 +40,8 @@ from prefprune.model.loading import head_name, is_head_bias
 
 
 class PrefpruneCallback(TrainerCallback):
-    """Attach to a LoRA ``RewardTrainer`` (``callbacks=[PrefpruneCallback()]``); every
-    checkpoint it saves then holds what ``prefprune score --checkpoints`` needs.
+    """Attach to a LoRA ``RewardTrainer`` or ``DPOTrainer`` (``callbacks=[PrefpruneCallback()]``);
+    every checkpoint it saves then holds what ``prefprune score --checkpoints`` needs.
 
     The record keeps one margin gradient per training pair in memory (pairs × θ × 4 bytes); a
     run that would need more than ``memory_budget_mb`` is refused before its first step.
@@ -56,7 +59,8 @@ class PrefpruneCallback(TrainerCallback):
         if args.world_size > 1:
             raise InfluenceError("PrefpruneCallback records single-process runs; score a "
                                  "distributed run's checkpoints with score --checkpoints alone")
-        self.recorder = _Recorder(model, len(train_dataloader.dataset), self.memory_budget_mb)
+        self.recorder = _Recorder(model, len(train_dataloader.dataset), self.memory_budget_mb,
+                                  _dpo_beta(args))
         if state.global_step:  # resumed: the checkpoint it resumed from holds the record so far
             record = read_record(Path(args.output_dir) / f"checkpoint-{state.global_step}")
             if record is not None:
@@ -86,6 +90,22 @@ class PrefpruneCallback(TrainerCallback):
         self.seconds += time.perf_counter() - start
 
 
+def _dpo_beta(args: TrainingArguments) -> float | None:
+    """β of a DPOTrainer run (None for a RewardTrainer's), once its loss is one whose rows'
+    slopes the recorder can read."""
+    beta = getattr(args, "beta", None)
+    if beta is None:
+        return None
+    if getattr(args, "precompute_ref_log_probs", False):
+        raise InfluenceError("PrefpruneCallback takes the reference log-probabilities from "
+                             "TRL's reference forward, which precompute_ref_log_probs=True "
+                             "skips; train without it or score with score --checkpoints alone")
+    if getattr(args, "ld_alpha", None) is not None:
+        raise InfluenceError("PrefpruneCallback records DPO losses of log π summed over the "
+                             "response; ld_alpha weighs its tokens unevenly")
+    return float(beta)
+
+
 @dataclass
 class _Pass:
     """What one training forward and backward left in the hooks."""
@@ -95,21 +115,26 @@ class _Pass:
     mask: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     reward_grads: list[torch.Tensor] = field(default_factory=list)
+    reference: torch.Tensor | None = None
 
 
 class _Recorder:
-    """The hooks on a PEFT reward model and the per-pair record they fill."""
+    """The hooks on a PEFT reward model or DPO policy (``beta`` set) and the per-pair record
+    they fill."""
 
-    def __init__(self, model: nn.Module, capacity: int, budget_mb: float) -> None:
+    def __init__(self, model: nn.Module, capacity: int, budget_mb: float,
+                 beta: float | None) -> None:
         if not hasattr(model, "peft_config"):
             raise InfluenceError("PrefpruneCallback records LoRA runs (a peft_config); score a "
                                  "full-weight run's checkpoints with score --checkpoints alone")
-        classifier = model.get_base_model()
-        try:
-            head_name(classifier)
-        except ModelError:
-            raise InfluenceError("PrefpruneCallback records RewardTrainer runs (a model with a "
-                                 "scoring head); DPO is planned") from None
+        base = model.get_base_model()
+        if beta is None:
+            try:
+                head_name(base)
+            except ModelError:
+                raise InfluenceError("PrefpruneCallback records RewardTrainer runs (a model "
+                                     "with a scoring head) and DPOTrainer runs") from None
+        self.beta = beta
         params = [(n, p) for n, p in model.named_parameters()
                   if p.requires_grad and not is_head_bias(n)]
         try:
@@ -132,8 +157,8 @@ class _Recorder:
         self.done: list[_Pass] = []
         self.in_forward = False
         self.handles = [s.module.register_forward_hook(self._keep_layer) for s in self.slots]
-        self.handles += [classifier.register_forward_pre_hook(self._begin),
-                         classifier.register_forward_hook(self._keep_rewards, with_kwargs=True)]
+        self.handles += [base.register_forward_pre_hook(self._begin),
+                         base.register_forward_hook(self._keep_rewards, with_kwargs=True)]
 
     def _new_pass(self) -> _Pass:
         return _Pass({id(s.module): [] for s in self.slots})
@@ -152,14 +177,22 @@ class _Recorder:
             self.current.layers[id(module)].append(entry)
 
     def _keep_rewards(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The rewards (a DPO policy: per-token log-probabilities) of a training forward, or
+        the reference's log-probabilities of the DPO forward before it."""
         taken, self.current, self.in_forward = self.current, self._new_pass(), False
-        logits = output.logits
-        if not self._recording(logits):
+        values = output.logits if self.beta is None else output.log_probs
+        if self.beta is not None and self.model.training and not torch.is_grad_enabled():
+            last = self.done[-1] if self.done else None
+            if last is not None and last.reference is None and \
+                    torch.equal(last.ids, kwargs["input_ids"]):
+                last.reference = values.detach().float().sum(dim=1)
+            return
+        if not self._recording(values):
             return
         taken.ids = kwargs["input_ids"].detach()
         taken.mask = kwargs["attention_mask"].detach()
-        taken.rewards = logits.detach().float().reshape(-1)
-        logits.register_hook(taken.reward_grads.append)
+        taken.rewards = values.detach().float().reshape(values.shape[0], -1).sum(dim=1)
+        values.register_hook(taken.reward_grads.append)
         self.done.append(taken)
 
     def flush(self, step: int) -> None:
@@ -183,11 +216,19 @@ class _Recorder:
                                      "{'use_reentrant': False}")
             for inp, grad in calls:
                 _write_rows(flat, slot, inp.float(), grad.float())
-        slope = taken.reward_grads[0].float().reshape(-1)  # ∂L/∂r per row
+        # ∂L/∂r per row; a DPO loss sums the tokens' log π, so each token has the row's slope
+        slope = taken.reward_grads[0].float().reshape(rows, -1)[:, -1]
         usable = (slope != 0).cpu()
         flat /= torch.where(slope != 0, slope, torch.ones_like(slope))[:, None]
+        rewards = taken.rewards
+        if self.beta is not None:  # r = β·(log π − log π_ref), ∇r = β·∇log π
+            if taken.reference is None:
+                raise InfluenceError("PrefpruneCallback saw a DPO step without its reference "
+                                     "forward; it cannot tell the pairs' margins")
+            rewards = self.beta * (rewards - taken.reference)
+            flat *= self.beta
         grads = (flat[:half] - flat[half:]).cpu()
-        margins = (taken.rewards[:half] - taken.rewards[half:]).cpu()
+        margins = (rewards[:half] - rewards[half:]).cpu()
         ids, mask = taken.ids.cpu(), taken.mask.cpu().bool()
         for j in range(half):
             if not (usable[j] and usable[j + half]):  # a vanishing slope hides ∇r
