@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,19 @@ from prefprune.scoring import score_pairs
 SCORES = ("if", "grad_cos", "loss")
 
 
-def overhead(rows: list[dict[str, Any]], out: Path, repeats: int) -> dict[str, Any]:
-    """Train with and without the callback, alternating which goes first."""
+def overhead(rows: list[dict[str, Any]], out: Path, repeats: int, *,
+             train: Callable[..., float] = example.train_with_trl, backbone: str | None = None,
+             epochs: int = 2) -> dict[str, Any]:
+    """Train with and without the callback, alternating which goes first; ``train`` is an
+    example's ``train_with_trl`` (the reward model's by default)."""
     seconds: dict[str, list[float]] = {"without": [], "with": []}
     inside = []
     for r in range(repeats):
         for arm in (("without", "with") if r % 2 == 0 else ("with", "without")):
             callback = PrefpruneCallback()
-            seconds[arm].append(example.train_with_trl(
-                rows, out / f"run-{arm}-{r}", backbone=default_backbone(), epochs=2,
-                callbacks=[callback] if arm == "with" else []))
+            seconds[arm].append(train(
+                rows, out / f"run-{arm}-{r}", backbone=backbone or default_backbone(),
+                epochs=epochs, callbacks=[callback] if arm == "with" else []))
             if arm == "with":
                 inside.append(callback.seconds)
             print(f"  {arm} callback, repeat {r}: {seconds[arm][-1]:.1f} s", flush=True)
