@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trl_reward_model import prefprune, train_rows, write_pairs
+from trl_reward_model import score_and_prune, train_rows, write_pairs
 
 #: LoRA on the query and value projections of the top ``TOP_LAYERS`` layers only: the backward
 #: pass (TRL's, and prefprune's per-pair gradients) then stops there, and prefprune caches the
@@ -94,16 +94,8 @@ def main() -> None:
     print(f"TRL DPOTrainer: {len(rows)} training pairs, {args.epochs} epochs", flush=True)
     seconds = train_with_trl(rows, args.output / "trl", backbone=resolve_backbone(args.backbone),
                              epochs=args.epochs, callbacks=[PrefpruneCallback()])
-    saved = sorted((args.output / "trl").glob("checkpoint-*"),
-                   key=lambda p: int(p.name.split("-")[1]))
-    print(f"trained in {seconds:.0f} s; checkpoints: {', '.join(p.name for p in saved)}")
-    scores = args.output / "scores.parquet"
-    prefprune("score", str(data), "--checkpoints", str(args.output / "trl"),
-              "--scores", "if,grad_cos,loss,random", "--score-batch-size", str(SCORE_BATCH),
-              "--output", str(scores), "--quiet", "--top", "3")
-    prefprune("prune", str(scores), str(data), "--by", "if_ens", "--fraction", "0.1",
-              "--output", str(args.output / "pruned"), "--top", "3")
-    print(f"pruned file: {args.output / 'pruned' / data.name}")
+    print(f"trained in {seconds:.0f} s", flush=True)
+    score_and_prune(data, args.output, "--score-batch-size", str(SCORE_BATCH))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,21 @@ def prefprune(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def score_and_prune(data: Path, output: Path, *options: str) -> None:
+    """Score ``data`` with every checkpoint of the TRL run in ``output/trl`` (the in-run
+    records make it cheap), then write ``data`` without the top 10% by the checkpoint
+    ensemble's IF into ``output/pruned``."""
+    saved = sorted((output / "trl").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    print(f"checkpoints: {', '.join(p.name for p in saved)}", flush=True)
+    scores = output / "scores.parquet"
+    prefprune("score", str(data), "--checkpoints", str(output / "trl"), *options,
+              "--scores", "if,grad_cos,loss,random", "--output", str(scores), "--quiet",
+              "--top", "3")
+    prefprune("prune", str(scores), str(data), "--by", "if_ens", "--fraction", "0.1",
+              "--output", str(output / "pruned"), "--top", "3")
+    print(f"pruned file: {output / 'pruned' / data.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="an HH-RLHF file (chosen/rejected transcripts)")
@@ -115,15 +130,8 @@ def main() -> None:
     print(f"TRL RewardTrainer: {len(rows)} training pairs, {args.epochs} epochs", flush=True)
     seconds = train_with_trl(rows, args.output / "trl", backbone=args.backbone,
                              epochs=args.epochs, callbacks=[PrefpruneCallback()])
-    print(f"trained in {seconds:.0f} s; checkpoints: "
-          f"{', '.join(p.name for p in sorted((args.output / 'trl').glob('checkpoint-*')))}")
-    scores = args.output / "scores.parquet"
-    prefprune("score", str(data), "--checkpoints", str(args.output / "trl"),
-              "--trl-max-length", str(MAX_LENGTH), "--scores", "if,grad_cos,loss,random",
-              "--output", str(scores), "--quiet", "--top", "3")
-    prefprune("prune", str(scores), str(data), "--by", "if_ens", "--fraction", "0.1",
-              "--output", str(args.output / "pruned"), "--top", "3")
-    print(f"pruned file: {args.output / 'pruned' / data.name}")
+    print(f"trained in {seconds:.0f} s", flush=True)
+    score_and_prune(data, args.output, "--trl-max-length", str(MAX_LENGTH))
 
 
 if __name__ == "__main__":

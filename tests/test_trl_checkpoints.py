@@ -46,12 +46,18 @@ def recorded_run(tiny_chat_llama, rows, tmp_path_factory) -> Path:
 def test_every_pair_is_recorded_as_trl_saw_it_at_the_step_that_visited_it(recorded_run, source):
     """checkpoint-2's record was taken in step 2, at checkpoint-1's parameters: it equals the
     margin gradients prefprune takes afresh with checkpoint-1."""
-    record = read_record(recorded_run / "checkpoint-2")
+    assert_recorded_as_fresh(recorded_run, source)
+
+
+def assert_recorded_as_fresh(run: Path, source: Path) -> None:
+    """checkpoint-2's record (8 pairs, step 2) equals the margins and margin gradients that
+    prefprune takes afresh with checkpoint-1, the parameters that step saw."""
+    record = read_record(run / "checkpoint-2")
     assert record is not None and record.steps.tolist() == [2] * 8
-    before = RewardModel.load(recorded_run / "checkpoint-1", trl=TrlConfig(data="plain"))
+    before = RewardModel.load(run / "checkpoint-1", trl=TrlConfig(data="plain"))
     pairs = [json.loads(line) for line in source.read_text().splitlines()][:8]
-    batch = before.encode_pairs([p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-                                [p["rejected"] for p in pairs])
+    batch = before.encode_pairs(*([p[k] for p in pairs] for k in ("prompt", "chosen",
+                                                                   "rejected")))
     fresh = MarginGradientComputer(before)(batch)
     keys = [before.encoder.pair_key(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
     order = [record.keys.tolist().index(k) for k in keys]

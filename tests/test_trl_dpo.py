@@ -15,14 +15,13 @@ import pytest
 import torch
 from helpers import assert_one_error_line, run_cli
 from peft import LoraConfig, get_peft_model
+from test_trl_checkpoints import assert_recorded_as_fresh
 from test_trl_reward import conversational_rows, plain_rows, write_jsonl
 from trl import DPOConfig, DPOTrainer
 
 from prefprune.data import DataOptions
 from prefprune.errors import InfluenceError, ModelError, PrefpruneWarning
-from prefprune.influence.gradients import MarginGradientComputer
 from prefprune.integrations import PrefpruneCallback
-from prefprune.integrations.records import read_record
 from prefprune.integrations.trl import TrlConfig, trl_reading
 from prefprune.integrations.trl_args import saved_training_args
 from prefprune.model import DPOPolicy, RewardModel
@@ -261,20 +260,7 @@ def recorded_dpo(tiny_lm, tmp_path_factory) -> tuple[Path, Path]:
 def test_the_callback_records_each_pair_as_trl_took_it(recorded_dpo):
     """checkpoint-2's record comes from TRL's backward in step 2, at checkpoint-1's
     parameters: it equals the margins and margin gradients taken afresh at checkpoint-1."""
-    run, source = recorded_dpo
-    record = read_record(run / "checkpoint-2")
-    assert record is not None and record.steps.tolist() == [2] * 8
-    before = RewardModel.load(run / "checkpoint-1", trl=TrlConfig(data="plain"))
-    pairs = [json.loads(line) for line in source.read_text().splitlines()][:8]
-    batch = before.encode_pairs(*([p[k] for p in pairs] for k in ("prompt", "chosen",
-                                                                   "rejected")))
-    fresh = MarginGradientComputer(before)(batch)
-    keys = [before.encoder.pair_key(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
-    order = [record.keys.tolist().index(k) for k in keys]
-    np.testing.assert_allclose(record.margins[order], fresh.margins, atol=1e-5)
-    np.testing.assert_allclose(record.margin_grads[order], fresh.margin_grads, atol=1e-5,
-                               rtol=1e-4)
-    assert record.parameters == [n for n, _ in before.trainable_parameters()]
+    assert_recorded_as_fresh(*recorded_dpo)
 
 
 def test_score_checkpoints_of_a_dpo_run(recorded_dpo, tmp_path):
