@@ -272,3 +272,19 @@ def replacing_entries(folder: Path, names: Sequence[str]) -> Iterator[Path]:
             if (tmp / name).exists():
                 os.replace(tmp / name, folder / name)
         _remove(tmp)
+
+
+#: Overrides prefprune's cache folder (converted backbones, frozen-layer features, the
+#: generated synthetic set).
+CACHE_ENV = "PREFPRUNE_CACHE_DIR"
+
+
+def cache_home() -> Path:
+    """prefprune's cache folder: ``$PREFPRUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/prefprune``
+    or ``~/.cache/prefprune``. One definition, so every cached artefact moves together."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "prefprune"
+

@@ -20,7 +20,7 @@ TINY_KINDS = ("bert", "gpt2", "llama")
 def private_cache(tmp_path_factory):
     """prefprune's cache folder (converted backbones, the frozen-layer feature store) in a
     session folder: tests never read or write the user's ~/.cache/prefprune."""
-    from prefprune.model.gguf_folder import CACHE_ENV
+    from prefprune.files import CACHE_ENV
 
     patch = pytest.MonkeyPatch()
     patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("prefprune-cache")))

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from prefprune.errors import ModelError
+from prefprune.files import CACHE_ENV, cache_home
 from prefprune.model import gguf_folder, resolve_backbone
-from prefprune.model.gguf_folder import CACHE_ENV, RECORD, cache_home
+from prefprune.model.gguf_folder import RECORD
 
 
 @pytest.fixture

@@ -22,10 +22,11 @@ from helpers import run_cli
 
 from prefprune.data.messages import ChatTemplateRendering, render_pair
 from prefprune.errors import ModelError
+from prefprune.files import CACHE_ENV
 from prefprune.influence.gradients import MarginGradientComputer
 from prefprune.model import NAMED_BACKBONES, PairBatch, RewardModel, RewardModelConfig
 from prefprune.model import resolve_backbone as resolve
-from prefprune.model.gguf_folder import CACHE_ENV, RECORD
+from prefprune.model.gguf_folder import RECORD
 from prefprune.model.layer_cache import FrozenLayerCache
 
 NAME = "smollm2-135m-instruct"

@@ -76,7 +76,7 @@ def test_readable_by_the_tldr_reader(default_set: Path) -> None:
 
 def test_default_dataset_path_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      default_set: Path) -> None:
-    monkeypatch.setenv("PREFPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PREFPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     path = default_dataset_path()
     assert path.parent == tmp_path / "cache"
     assert f"v{GENERATOR_VERSION}" in path.name

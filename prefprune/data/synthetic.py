@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefprune.files import write_text_atomic
+from prefprune.files import cache_home, write_text_atomic
 
 #: Bump when the output for a given seed changes; part of the cache key.
 GENERATOR_VERSION = 1
@@ -244,14 +244,9 @@ def _comparison(rng: random.Random, post: _Post, split: str, worker: str, kind: 
     }
 
 
-def cache_dir() -> Path:
-    """``$PREFPRUNE_CACHE`` or ``~/.cache/prefprune``."""
-    return Path(os.environ.get("PREFPRUNE_CACHE") or Path.home() / ".cache" / "prefprune")
-
-
 def default_dataset_path(seed: int = 0) -> Path:
     """The default synthetic set in the user cache, generated once per version and seed."""
-    path = cache_dir() / f"synthetic-tldr-v{GENERATOR_VERSION}-seed{seed}.jsonl"
+    path = cache_home() / f"synthetic-tldr-v{GENERATOR_VERSION}-seed{seed}.jsonl"
     if not path.exists():
         generate_synthetic(path, seed=seed)
     return path
@@ -278,7 +273,7 @@ def expert_validation(source: str | os.PathLike, path: str | os.PathLike) -> Pat
 
 def default_expert_validation_path(seed: int = 0) -> Path:
     """The expert-labelled validation set of :func:`default_dataset_path` (same cache)."""
-    path = cache_dir() / f"synthetic-tldr-v{GENERATOR_VERSION}-seed{seed}-expert-valid1.jsonl"
+    path = cache_home() / f"synthetic-tldr-v{GENERATOR_VERSION}-seed{seed}-expert-valid1.jsonl"
     if not path.exists():
         expert_validation(default_dataset_path(seed), path)
     return path

@@ -36,8 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from prefprune.errors import PrefpruneError, PrefpruneWarning
-from prefprune.files import write_atomic
-from prefprune.model.gguf_folder import cache_home
+from prefprune.files import cache_home, write_atomic
 
 #: Features are written in shards of about this size (a unit of resuming and of reading).
 SHARD_BYTES = 64 * 2**20

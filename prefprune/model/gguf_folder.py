@@ -21,29 +21,16 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 from prefprune.errors import ModelError
-from prefprune.files import replacing_folder, write_json_atomic
+from prefprune.files import CACHE_ENV, cache_home, replacing_folder, write_json_atomic
 
-#: Overrides the cache directory (default: ``$XDG_CACHE_HOME/prefprune``, else
-#: ``~/.cache/prefprune``).
-CACHE_ENV = "PREFPRUNE_CACHE_DIR"
 #: The file in a converted folder that says which GGUF file it was made from.
 RECORD = "prefprune-gguf.json"
-
-
-def cache_home() -> Path:
-    """prefprune's cache directory (converted backbones live under ``backbones/``)."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "prefprune"
 
 
 def converted_folder(gguf: Path, key: str | None = None, *, install: str) -> Path:
