@@ -90,13 +90,19 @@ def test_score_checkpoints_combines_recorded_members_by_learning_rate(recorded_r
     assert meta["pairs_through_gradient_passes"] == 0  # ... and not again as the model
     assert meta["ensemble"]["kind"] == "checkpoints" and meta["ensemble"]["members"] == 2
     assert set(meta["ensemble"]["agreement"]) == {"if", "grad_cos", "loss"}
-    table = pd.read_parquet(out)
+    tables = assert_learning_rate_weighted(out, members, tmp_path / "scores.parquet.work")
+    np.testing.assert_allclose(pd.read_parquet(out)["if"], tables[1]["if"], rtol=1e-6)
+
+
+def assert_learning_rate_weighted(out: Path, members: list[dict], work: Path) -> list:
+    """``if_ens`` is the TracIn-CP combination of the two checkpoints' z-scored IF, weighted
+    by each checkpoint's learning rate; returns the checkpoints' tables."""
     weights = np.array([m["learning_rate"] for m in members])
-    tables = [pd.read_parquet(tmp_path / "scores.parquet.work" / "checkpoints" /
-                              f"checkpoint-{k}.parquet") for k in (1, 2)]
+    tables = [pd.read_parquet(work / "checkpoints" / f"checkpoint-{k}.parquet") for k in (1, 2)]
     z = np.stack([(t["if"] - t["if"].mean()) / t["if"].std(ddof=0) for t in tables])
-    np.testing.assert_allclose(table["if_ens"], weights @ z / weights.sum(), atol=1e-9)
-    np.testing.assert_allclose(table["if"], tables[1]["if"], rtol=1e-6)
+    np.testing.assert_allclose(pd.read_parquet(out)["if_ens"], weights @ z / weights.sum(),
+                               atol=1e-9)
+    return tables
 
 
 def test_a_checkpoint_without_a_record_is_scored_afresh_and_equals_scoring_it_alone(

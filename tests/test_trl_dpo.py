@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import assert_one_error_line, run_cli
 from peft import LoraConfig, get_peft_model
-from test_trl_checkpoints import assert_recorded_as_fresh
+from test_trl_checkpoints import assert_learning_rate_weighted, assert_recorded_as_fresh
 from test_trl_reward import conversational_rows, plain_rows, write_jsonl
 from trl import DPOConfig, DPOTrainer
 
@@ -275,12 +275,7 @@ def test_score_checkpoints_of_a_dpo_run(recorded_dpo, tmp_path):
     assert [m["gradients"]["recorded"] for m in members] == [8, 0]
     assert members[0]["learning_rate"] > members[1]["learning_rate"] > 0
     assert meta["trl"]["objective"] == "dpo" and meta["ensemble"]["members"] == 2
-    table = pd.read_parquet(out)
-    weights = np.array([m["learning_rate"] for m in members])
-    tables = [pd.read_parquet(tmp_path / "scores.parquet.work" / "checkpoints" /
-                              f"checkpoint-{k}.parquet") for k in (1, 2)]
-    z = np.stack([(t["if"] - t["if"].mean()) / t["if"].std(ddof=0) for t in tables])
-    np.testing.assert_allclose(table["if_ens"], weights @ z / weights.sum(), atol=1e-9)
+    assert_learning_rate_weighted(out, members, tmp_path / "scores.parquet.work")
 
 
 def test_the_callback_refuses_what_it_cannot_record(tiny_lm, tmp_path):
