@@ -334,7 +334,25 @@ class TrlEncoder(ABC):
     """Reads pairs as a TRL run did (``recipe``). Besides encoding, scoring a run needs each
     pair's identity (the key of the callback's record) and whether TRL trained on it."""
 
-    recipe: TrlTokenization
+    def __init__(self, tokenizer: Any, recipe: TrlTokenization) -> None:
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+        self.max_length = recipe.max_length
+        self.stats = EncodingStats()
+
+    def tokens(self, text: str) -> list[int]:
+        """TRL's tokenization of a text: with the tokenizer's special tokens for plain text,
+        without for a rendered conversation (its chat template wrote them)."""
+        return self.tokenizer(text, add_special_tokens=not self.recipe.conversational,
+                              verbose=False)["input_ids"]
+
+    def sequence(self, prompt: str, response: str) -> list[int]:
+        """The token ids TRL built for prompt + response: a plain-text response gets the eos
+        token appended when it does not end with it."""
+        eos = self.recipe.eos_token
+        if not self.recipe.conversational and not response.endswith(eos):
+            response += eos
+        return self.tokens(prompt + response)
 
     @abstractmethod
     def __call__(self, prompts: Sequence[str], chosen: Sequence[str],
@@ -355,19 +373,8 @@ class TrlPairEncoder(TrlEncoder):
     drop-in for :class:`~prefprune.model.encoding.PairEncoder`."""
 
     def __init__(self, tokenizer: Any, recipe: TrlTokenization) -> None:
-        self.tokenizer = tokenizer
-        self.recipe = recipe
-        self.max_length = recipe.max_length
-        self.stats = EncodingStats()  # TRL cuts nothing
+        super().__init__(tokenizer, recipe)  # its stats stay zero: RewardTrainer cuts nothing
         self.drop_trailing_pad = recipe.reward_at.startswith("the last token")
-
-    def sequence(self, prompt: str, response: str) -> list[int]:
-        """The token ids TRL built for one side of a pair."""
-        if self.recipe.conversational:
-            return self.tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
-        eos = self.recipe.eos_token
-        text = response if response.endswith(eos) else response + eos
-        return self.tokenizer(prompt + text)["input_ids"]
 
     def pair_key(self, prompt: str, chosen: str, rejected: str) -> int:
         return pair_key(self.sequence(prompt, chosen), self.sequence(prompt, rejected))

@@ -61,9 +61,9 @@ from prefprune.integrations.trl import (
     run_setting,
 )
 from prefprune.model.config import RewardModelConfig
-from prefprune.model.encoding import EncodingStats, PairBatch
+from prefprune.model.encoding import PairBatch
 from prefprune.model.loading import ADAPTER_WEIGHTS, check_safetensors, load_causal_lm, quiet_peft
-from prefprune.model.policy import DPOPolicy, _padded
+from prefprune.model.policy import DPOPolicy, padded_rows
 
 #: The adapter name TRL gives its frozen copy of a pre-trained adapter, and the folder it
 #: saves that copy in.
@@ -171,16 +171,13 @@ class TrlCompletionEncoder(TrlEncoder):
     (module docstring); a drop-in for the policy's own encoder."""
 
     def __init__(self, tokenizer: Any, recipe: TrlTokenization) -> None:
-        self.tokenizer = tokenizer
-        self.recipe = recipe
-        self.max_length = recipe.max_length
+        super().__init__(tokenizer, recipe)
         self.keep_end = recipe.truncation_mode == "keep_end"
-        self.stats = EncodingStats()
 
     def split(self, prompt: str, chosen: str, rejected: str) -> tuple[int, list[list[int]]]:
         """TRL's prompt length and the whole prompt + response ids of (chosen, rejected)."""
-        prompt_ids = self._ids(prompt)
-        full = [self._ids(prompt + self._closed(r)) for r in (chosen, rejected)]
+        prompt_ids = self.tokens(prompt)
+        full = [self.sequence(prompt, r) for r in (chosen, rejected)]
         return min(shared_items(prompt_ids, ids) for ids in full), full
 
     def rows(self, prompt: str, chosen: str,
@@ -219,17 +216,4 @@ class TrlCompletionEncoder(TrlEncoder):
         pairs = [self._cut(start, full) for start, full in splits]
         ids = [pair[0][side] for side in (0, 1) for pair in pairs]
         masks = [pair[1][side] for side in (0, 1) for pair in pairs]
-        return _padded(ids, masks, self.tokenizer.pad_token_id, len(prompts))
-
-    def _ids(self, text: str) -> list[int]:
-        """TRL's tokenization: a text with the tokenizer's special tokens, a rendered
-        conversation without (its template wrote them)."""
-        return self.tokenizer(text, add_special_tokens=not self.recipe.conversational,
-                              verbose=False)["input_ids"]
-
-    def _closed(self, response: str) -> str:
-        """A plain-text response with the eos token TRL appends when it does not end with it."""
-        eos = self.recipe.eos_token
-        if self.recipe.conversational or response.endswith(eos):
-            return response
-        return response + eos
+        return padded_rows(ids, masks, self.tokenizer.pad_token_id, len(prompts))

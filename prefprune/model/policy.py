@@ -63,7 +63,7 @@ class CompletionEncoder(PairEncoder):
                 ids, mask = self._fit(side[i][:start], side[i][start:])
                 rows.append(ids)
                 masks.append(mask)
-        return _padded(rows, masks, self.tokenizer.pad_token_id, size)
+        return padded_rows(rows, masks, self.tokenizer.pad_token_id, size)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids as TRL's plain-text path makes them (the tokenizer's special tokens),
@@ -95,7 +95,8 @@ class CompletionEncoder(PairEncoder):
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 
-def _padded(rows: list[list[int]], masks: list[list[int]], pad: int, size: int) -> PairBatch:
+def padded_rows(rows: list[list[int]], masks: list[list[int]], pad: int, size: int) -> PairBatch:
+    """2B rows right-padded with ``pad``, with attention and completion masks."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
