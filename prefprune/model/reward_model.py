@@ -63,7 +63,6 @@ class RewardModel:
     (:mod:`prefprune.model.pooling`).
     """
 
-
     def __init__(self, model: nn.Module, tokenizer: Any, config: RewardModelConfig, *,
                  cache: FrozenLayerCache | None = None) -> None:
         self.model = model
