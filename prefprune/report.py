@@ -21,6 +21,7 @@ from prefprune.document import Bold, Code, Paragraph, Section, render_html, rend
 from prefprune.experiment import CONFIG_FILE, ExperimentResult
 from prefprune.experiment.validation import VALIDATE_FILE, format_lds
 from prefprune.files import write_bytes_atomic
+from prefprune.model import RewardModelConfig
 
 #: Metadata columns whose groups a user wants harm summed over (docs/method.md, section 4).
 GROUP_COLUMNS = ("worker", "batch", "policy_pair", "subreddit")
@@ -121,7 +122,8 @@ def format_interval(stat: Mapping[str, Any] | None, digits: int = 4,
 
 def _overview(result: ExperimentResult, output: Path, command: str | None) -> Section:
     cfg, data = result.config, result.data
-    model = cfg.model
+    trained = data.get("trained_model")
+    model = RewardModelConfig.from_dict(trained["recipe"]) if trained else cfg.model
     sizes = data["sizes"]
     rerun = command or f"prefprune experiment --config {output / CONFIG_FILE} --output {output}"
     base = result.summary["baseline"]["test_accuracy"]
@@ -133,6 +135,7 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
             "intervals include the variance between splits)." if cfg.split_per_seed else ".")),
         *_truncation_lines(data),
         *_held_out_lines(data),
+        *_trained_model_lines(trained),
         f"Model: {model.backbone or 'all-MiniLM-L6-v2 (default)'}, LoRA r={model.lora_r}"
         f"{f' on the top {model.lora_layers} layers' if model.lora_layers else ' on every layer'}, "
         f"max_length {model.max_length}; training {_plural(cfg.train.epochs, 'epoch')}, batch "
@@ -150,6 +153,16 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
          f"{sum(r.seconds for r in result.runs) / 60:.0f} minutes of training and "
          "evaluation here)."),
     ])
+
+
+def _trained_model_lines(trained: Mapping[str, Any] | None) -> list[Paragraph]:
+    """A model trained elsewhere: the scores are its own, the retrains follow its recipe."""
+    if not trained:
+        return []
+    test = trained["test"]
+    return [("Scores taken at the given model ", Code(trained["path"]),
+             f" (test accuracy {test['accuracy']:.3f} on {test['pairs']} pairs); the unpruned "
+             "and pruned retrains below follow its recipe.")]
 
 
 def _held_out_lines(data: Mapping[str, Any]) -> list[Paragraph]:

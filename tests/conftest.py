@@ -121,6 +121,19 @@ def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SmolLM2-shaped Llama as a causal LM (its own seeded LM head), which is what
+    TRL's DPOTrainer loads."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("backbones") / "chat_llama_lm"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_chat_llama)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_chat_llama).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of tiny BERT-, GPT-2- and Llama-style backbones."""
     root = tmp_path_factory.mktemp("backbones")

@@ -31,19 +31,6 @@ from prefprune.scoring import score_pairs
 LORA = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SmolLM2-shaped Llama as a causal LM (its own seeded LM head), which is what
-    TRL's DPOTrainer loads."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("backbones") / "chat_llama_lm"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_chat_llama)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_chat_llama).save_pretrained(folder)
-    return folder
-
-
 def train_dpo(backbone: Path, rows: list[dict], out: Path, *, adapter: str | None = "new",
               callbacks: tuple = (), epochs: int = 2, save_steps: int = 2,
               **config) -> DPOTrainer:

@@ -24,8 +24,9 @@ from prefprune.config import Settings, limits_text
 from prefprune.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
-#: Flags whose name differs from their field: the column mapping is one repeatable ``--column``.
-FLAG_NAMES = {"columns": "column"}
+#: Flags whose name differs from their field: the column mapping is one repeatable ``--column``;
+#: an experiment's trained model is ``--model``, as for ``score`` and ``evaluate``.
+FLAG_NAMES = {"columns": "column", "trained_model": "model"}
 
 
 @dataclass(frozen=True)

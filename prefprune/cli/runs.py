@@ -18,10 +18,12 @@ from rich.markup import escape
 
 from prefprune.cli import render
 from prefprune.cli.commands import (
+    CHECKPOINTS,
     DATA,
     ENSEMBLE,
     HELD_OUT_FIELDS,
     MODEL,
+    TRL,
     VALIDATION,
     DataArg,
     JsonFlag,
@@ -60,21 +62,27 @@ TEST = OptionGroup("test_options", DataOptions, "Test set options", only=HELD_OU
                    prefix="test")
 
 #: The sections of a run's settings and the option groups their flags come from.
-_RUN_SECTIONS = {"data_options": DATA, "validation_options": VALIDATION, "test_options": TEST,
-                 "model": MODEL, "train": EXPERIMENT_TRAIN, "ensemble": ENSEMBLE}
+_RUN_SECTIONS: dict[str, tuple[OptionGroup, ...]] = {
+    "data_options": (DATA,), "validation_options": (VALIDATION,), "test_options": (TEST,),
+    "model": (MODEL,), "train": (EXPERIMENT_TRAIN,), "ensemble": (ENSEMBLE,)}
+#: An experiment may score a TRL run (--model) and its checkpoints.
+_EXPERIMENT_SECTIONS = {**_RUN_SECTIONS, "trl": (CHECKPOINTS, TRL)}
 
 
 def run_config(top: OptionGroup, influence: OptionGroup, config: Path | None,
-               data: str | None, values: dict[str, dict[str, Any]]) -> Any:
+               data: str | None, values: dict[str, dict[str, Any]],
+               sections: dict[str, tuple[OptionGroup, ...]] = _RUN_SECTIONS) -> Any:
     """An experiment's or validation's settings: the YAML file (when given, else the
     defaults) with DATA and the typed flags on top, section by section."""
     base = top.settings.from_yaml(config) if config is not None else top.base
     typed: dict[str, Any] = top.typed(values[top.name])
     if data is not None:
         typed["data"] = data
-    for section, group in {**_RUN_SECTIONS, "influence": influence}.items():
-        typed[section] = apply(getattr(base, section), group.typed(values[group.name]),
-                               group.prefix)
+    for section, groups in {**sections, "influence": (influence,)}.items():
+        value = getattr(base, section)
+        for group in groups:
+            value = apply(value, group.typed(values[group.name]), group.prefix)
+        typed[section] = value
     return apply(base, typed)
 
 
@@ -84,7 +92,9 @@ ConfigArg = Annotated[Path | None, typer.Option(
 
 
 def run_command(top: OptionGroup, influence: OptionGroup, output_help: str,
-                execute: Callable[[Any, Path, bool, bool, bool], None]) -> Callable[..., None]:
+                execute: Callable[[Any, Path, bool, bool, bool], None],
+                sections: dict[str, tuple[OptionGroup, ...]] = _RUN_SECTIONS
+                ) -> Callable[..., None]:
     """A command that builds a run's settings from a ``--config`` file and flags (the option
     groups of every section) and hands them to ``execute(settings, output, overwrite, json,
     quiet)``: ``experiment`` and ``validate`` share it."""
@@ -92,7 +102,7 @@ def run_command(top: OptionGroup, influence: OptionGroup, output_help: str,
     def command(output: Path, options: dict[str, dict[str, Any]], data: DataArg = None,
                 config: ConfigArg = None, overwrite: OverwriteFlag = False,
                 json_output: JsonFlag = False, quiet: QuietFlag = False) -> None:
-        settings = run_config(top, influence, config, data, options)
+        settings = run_config(top, influence, config, data, options, sections)
         check_device(settings.train.device)
         execute(settings, output, overwrite, json_output, quiet)
 
@@ -100,7 +110,7 @@ def run_command(top: OptionGroup, influence: OptionGroup, output_help: str,
     command.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
         p.replace(annotation=Annotated[Path, typer.Option(help=output_help)])
         if p.name == "output" else p for p in signature.parameters.values()])
-    groups = (*_RUN_SECTIONS.values(), influence, top)
+    groups = (*(g for section in sections.values() for g in section), influence, top)
     return with_options(*groups, into="options")(command)
 
 
@@ -132,7 +142,7 @@ app.command("experiment", help=(
     "Train, score, prune the top-f pairs per method, retrain and compare, over several seeds; "
     "write results.json, report.md and report.html."))(run_command(
         EXPERIMENT, EXPERIMENT_INFLUENCE, "Folder for config.yaml, models, scores, runs, "
-        "results.json and the report; rerun to resume.", _experiment))
+        "results.json and the report; rerun to resume.", _experiment, _EXPERIMENT_SECTIONS))
 app.command("validate", help=(
     "Which score to trust on DATA: the linear datamodeling score (retrain on random subsets, "
     "correlate each score's predicted loss changes with the actual ones) and flip calibration "

@@ -15,6 +15,7 @@ from prefprune.data.options import DataOptions
 from prefprune.ensemble import SUFFIX, EnsembleConfig, ensembled
 from prefprune.errors import ConfigError, ExperimentConfigError
 from prefprune.influence.config import ENGINE_SCORES, InfluenceConfig
+from prefprune.integrations.trl import TrlConfig
 from prefprune.model.config import RewardModelConfig
 from prefprune.pruning import PruneConfig
 from prefprune.training import TrainConfig
@@ -183,9 +184,23 @@ class ExperimentConfig(RunConfig):
         None, metavar="COLUMNS",
         help="Score columns of the relabel arm (keep random in it: it is the arm's control). "
              "Default: those of --prune-by.")
+    trained_model: str | None = setting(
+        None, metavar="DIR",
+        help="Score with this trained model (a prefprune model folder, a PEFT adapter or a TRL "
+             "RewardTrainer/DPOTrainer output) instead of one trained per replicate. DATA is "
+             "then the pairs it was trained on, all of them (give --validation and --test); "
+             "every retrain, the unpruned one too, follows its recipe: objective, beta, "
+             "backbone, LoRA shape, max_length (docs/trl.md).")
+    trl: TrlConfig = setting(default_factory=TrlConfig, cli=False,
+                             help="What a TRL output given as trained_model cannot say.")
 
     def validate(self) -> None:
         super().validate()
+        if self.trained_model is not None:
+            self._check_trained_model()
+        elif self.trl != TrlConfig():
+            raise ConfigError("trl", "describes a TRL run given as trained_model (--model); "
+                                     "give the run, or drop these settings")
         if not self.seeds:
             raise ConfigError("seeds", "must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -199,6 +214,27 @@ class ExperimentConfig(RunConfig):
             if unknown:
                 raise ConfigError(name, f"{unknown} would not be computed; the scores are "
                                         f"{', '.join(self.score_columns())}")
+
+    def _check_trained_model(self) -> None:
+        """A given model fixes what an experiment would otherwise choose: its training
+        pairs (all of DATA, unflipped, in one split) and its recipe (the model section)."""
+        if self.validation is None or self.test is None:
+            raise ConfigError("trained_model", "needs separate validation and test sources "
+                                               "(--validation, --test): DATA is every pair the "
+                                               "model was trained on")
+        if self.inject_flips > 0 or self.split_per_seed:
+            name = "inject_flips" if self.inject_flips > 0 else "split_per_seed"
+            raise ConfigError(name, "cannot be used with trained_model: the model was trained "
+                                    "on DATA as it is")
+        if self.model.identity() != RewardModelConfig().identity():
+            raise ConfigError("model", "comes from trained_model (its objective, backbone, LoRA "
+                                       "and max_length); set only the cache settings")
+        if self.ensemble.enabled and self.ensemble.kind == "checkpoints":
+            raise ConfigError("ensemble", "of a trained model's checkpoints is the ones its "
+                                          "TRL run saved: give them with --checkpoints")
+        if self.trl.checkpoints is not None and self.ensemble.enabled:
+            raise ConfigError("ensemble", "is the TRL run's checkpoints (trl.checkpoints); "
+                                          "drop one of the two")
 
     def replicate_split_seed(self, seed: int) -> int:
         """The split seed of replicate ``seed``: its own with ``split_per_seed``, else the

@@ -30,22 +30,24 @@ from prefprune.experiment.config import ExperimentConfig
 from prefprune.experiment.folder import RunFolder, check_splits, split_fingerprints
 from prefprune.experiment.records import Arm, RunRecord
 from prefprune.experiment.stats import summarise
+from prefprune.experiment.trained import TrainedModel, replicate_table
 from prefprune.files import (
     write_json_atomic,
 )
-from prefprune.influence.results import score_table_entries, sidecar_of
-from prefprune.model import FrozenLayerCache, RewardModel
+from prefprune.influence.results import ScoreResult, score_table_entries, sidecar_of
+from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.model.reward_model import MODEL_FILES
 from prefprune.pipeline import (
     PreparedData,
     data_summary,
+    metrics_dict,
     prepare_data,
     rendering_of,
     truncation,
 )
 from prefprune.progress import progress_bar
 from prefprune.pruning import inject_flips, relabel_pairs, remove_pairs, select
-from prefprune.scoring import score_training_pairs
+from prefprune.scoring import score_pairs, score_training_pairs
 from prefprune.training import evaluate, train_reward_model
 
 RESULTS_FILE = "results.json"
@@ -54,7 +56,7 @@ RESULTS_FILE = "results.json"
 #: score table per replicate.
 OWN_ENTRIES = (RESULTS_FILE, "report.md", "report.html", "figures/*.png", "runs/*.json",
                *(f"models/seed*/{name}" for name in MODEL_FILES),
-               *score_table_entries("scores/seed*"))
+               *score_table_entries("scores/seed*"), *score_table_entries("scores/model"))
 
 
 def arms_of(config: ExperimentConfig, seed: int) -> list[Arm]:
@@ -106,10 +108,19 @@ class Experiment:
         self.folder = RunFolder(output, "experiment", config, OWN_ENTRIES, overwrite=overwrite)
         self.on_run = on_run
         self.cache = FrozenLayerCache.for_config(config.model)
+        self.trained: TrainedModel | None = None
+
+    @property
+    def recipe(self) -> RewardModelConfig:
+        """How every model of the run is built: a trained model's recipe, else the config's."""
+        return self.trained.recipe if self.trained is not None else self.config.model
 
     def run(self) -> ExperimentResult:
         start = time.perf_counter()
         self.folder.check()
+        if self.config.trained_model is not None:
+            self.trained = TrainedModel.load(self.config)
+            self.cache = self.trained.model.layer_cache
         datas = self._prepare()
         self.folder.claim(self._fingerprints(datas))
         runs, detection, tables, texts, agreement = [], {}, {}, {}, {}
@@ -119,6 +130,8 @@ class Experiment:
         arms = {seed: arms_of(self.config, seed) for seed in self.config.seeds}
         total = sum(len(a) + 1 for a in arms.values())
         with progress_bar("experiment runs", total, self.progress) as advance:
+            if self.trained is not None:
+                summary["trained_model"] = self._trained_summary(datas[self.config.seeds[0]])
             for seed in self.config.seeds:
                 data = datas[seed]
                 train = self._training_pairs(data, seed)
@@ -150,14 +163,18 @@ class Experiment:
     def _prepare(self) -> dict[int, PreparedData]:
         """Each replicate's data: one split shared by all, or with ``split_per_seed`` a split
         of its own (a source with its own splits cannot be split anew, so it is refused)."""
-        rendering = rendering_of(self.config.model)
+        kwargs = self.config.data_kwargs()
+        if self.trained is not None:  # every pair of DATA trained the model
+            rendering = self.trained.rendering
+            kwargs["fractions"] = (1.0, 0.0, 0.0)
+        else:
+            rendering = rendering_of(self.config.model)
         by_split: dict[int, PreparedData] = {}
         for seed in self.config.seeds:
             split_seed = self.config.replicate_split_seed(seed)
             if split_seed not in by_split:
                 by_split[split_seed] = prepare_data(
-                    self.config.data, **{**self.config.data_kwargs(), "seed": split_seed},
-                    rendering=rendering)
+                    self.config.data, **{**kwargs, "seed": split_seed}, rendering=rendering)
                 check_splits(by_split[split_seed])
         if len(by_split) > 1 and len({d.fingerprint for d in by_split.values()}) == 1:
             raise ExperimentError(f"{self.config.data or 'the embedded set'} has its own "
@@ -176,6 +193,8 @@ class Experiment:
 
     def _training_pairs(self, data: PreparedData, seed: int) -> datasets.Dataset:
         train = data.splits["train"]
+        if self.trained is not None:
+            return self.trained.training_pairs(train)
         if self.config.inject_flips > 0:
             train = inject_flips(train, self.config.inject_flips, seed)
         return train
@@ -184,7 +203,7 @@ class Experiment:
         return self.output / "runs" / f"{arm.key}.json"
 
     def _new_model(self, seed: int) -> RewardModel:
-        return RewardModel.create(self.config.model, seed=seed, cache=self.cache)
+        return RewardModel.create(self.recipe, seed=seed, cache=self.cache)
 
     # --- the steps -----------------------------------------------------------------------
 
@@ -220,6 +239,10 @@ class Experiment:
         path = self._score_path(seed)
         if path.exists():
             return pd.read_parquet(path), json.loads(sidecar_of(path).read_text())
+        if self.trained is not None:
+            result = replicate_table(self._trained_scores(data), seed)
+            result.save(path)
+            return result.table, result.metadata
         result = score_training_pairs(
             model, train, data.splits["validation"], self.config.influence.replace(seed=seed),
             ensemble=self.config.ensemble, model_config=self.config.model,
@@ -228,6 +251,31 @@ class Experiment:
             checkpoints=self._saved_checkpoints(seed))
         result.save(path)
         return result.table, result.metadata
+
+    def _trained_scores(self, data: PreparedData) -> ScoreResult:
+        """The given model's scores (computed once, seeded by the first replicate), as
+        ``score --model`` takes them: read as the model was trained."""
+        assert self.trained is not None
+        first = self.config.seeds[0]
+        path = self.output / "scores" / "model.parquet"
+        if path.exists():
+            return ScoreResult(pd.read_parquet(path), json.loads(sidecar_of(path).read_text()))
+        return score_pairs(
+            data, self.trained.model, self.config.influence.replace(seed=first),
+            train_config=self.config.train.replace(seed=first), ensemble=self.config.ensemble,
+            output=path, overwrite=True, progress=self.progress, trl=self.trained.trl).result
+
+    def _trained_summary(self, data: PreparedData) -> dict[str, Any]:
+        """The given model's own test metrics (measured once, kept with the run records)."""
+        assert self.trained is not None
+        path = self.output / "runs" / "trained-model.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        test = self.trained.training_pairs(data.splits["test"])
+        metrics = metrics_dict({"test": evaluate(self.trained.model, test, progress=False)})
+        summary = self.trained.summary(metrics["test"])
+        write_json_atomic(path, summary)
+        return summary
 
     def _retrain(self, arm: Arm, train: datasets.Dataset, table: pd.DataFrame,
                  data: PreparedData) -> RunRecord:
