@@ -66,10 +66,11 @@ def overhead(rows: list[dict[str, Any]], out: Path, repeats: int, *,
     return {"seconds": seconds, "callback_seconds": inside, "ratio": with_ / without}
 
 
-def timed_score(data: Any, output: Path, **kwargs: Any) -> tuple[float, pd.DataFrame]:
+def timed_score(data: Any, output: Path, score_batch: int = 32,
+                **kwargs: Any) -> tuple[float, pd.DataFrame]:
     start = time.perf_counter()
-    outcome = score_pairs(data, influence_config=InfluenceConfig(scores=SCORES), output=output,
-                          progress=False, **kwargs)
+    outcome = score_pairs(data, influence_config=InfluenceConfig(
+        scores=SCORES, score_batch_size=score_batch), output=output, progress=False, **kwargs)
     return time.perf_counter() - start, outcome.result.table
 
 
@@ -95,6 +96,41 @@ def member_agreement(output: Path) -> dict[str, Any]:
     return json.loads(output.with_suffix(".json").read_text())["ensemble"]["agreement"]
 
 
+def checkpoint_figures(data_file: Path, out: Path, trl: TrlConfig, own_model: RewardModelConfig,
+                       own_train: TrainConfig, score_batch: int = 32) -> dict[str, Any]:
+    """Figures 2 and 3 for the runs ``out/run-with-0`` (recorded by the callback) and
+    ``out/run-without-0``: the scoring cost, the agreement of recorded with fresh members, and
+    the agreement with prefprune's own checkpoint ensemble trained with ``own_model`` and
+    ``own_train`` on the same pairs."""
+    recorded, plain = out / "run-with-0", out / "run-without-0"
+    reader, trl = trl_reading(recorded, data_file, DataOptions(), rendering_of(recorded), trl)
+    data = prepare_data(data_file, rendering=reader)
+    print("2. scoring cost", flush=True)
+    one, one_table = timed_score(data, out / "one.parquet", score_batch, model=recorded, trl=trl)
+    from_records, trl_table = timed_score(data, out / "records.parquet", score_batch,
+                                          trl=trl.replace(checkpoints=str(recorded)))
+    afresh, fresh_table = timed_score(data, out / "afresh.parquet", score_batch,
+                                      trl=trl.replace(checkpoints=str(plain)))
+    results: dict[str, Any] = {
+        "same_weights_with_and_without_callback": same_weights(recorded, plain),
+        "recorded_vs_afresh": agreement(trl_table, fresh_table),
+        "scoring_seconds": {"one_model": one, "checkpoints_recorded": from_records,
+                            "checkpoints_afresh": afresh},
+        "scoring_ratio": {"checkpoints_recorded": from_records / one,
+                          "checkpoints_afresh": afresh / one}}
+    print("3. agreement with prefprune's own checkpoint ensemble", flush=True)
+    own_seconds, own_table = timed_score(  # the pairs read as TRL read them
+        data, out / "own.parquet", score_batch, model_config=own_model, train_config=own_train,
+        ensemble=EnsembleConfig(members=2, kind="checkpoints"))
+    results["own_train_and_score_seconds"] = own_seconds
+    results["agreement"] = agreement(trl_table, own_table)
+    results["training_margin_sd"] = {"trl": float(one_table["margin"].std()),
+                                     "own": float(own_table["margin"].std())}
+    results["member_agreement"] = {name: member_agreement(out / f"{name}.parquet")
+                                   for name in ("records", "own")}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="an HH-RLHF file")
@@ -108,38 +144,12 @@ def main() -> None:
     print(f"1. callback overhead ({len(rows)} training pairs, 2 epochs)", flush=True)
     results: dict[str, Any] = {"pairs": args.pairs, "train_pairs": len(rows),
                                "overhead": overhead(rows, args.output, args.repeats)}
-
-    recorded, plain = args.output / "run-with-0", args.output / "run-without-0"
-    trl = TrlConfig(max_length=example.MAX_LENGTH)
-    reader, trl = trl_reading(recorded, data_file, DataOptions(), rendering_of(recorded), trl)
-    data = prepare_data(data_file, rendering=reader)
-    print("2. scoring cost", flush=True)
-    one, one_table = timed_score(data, args.output / "one.parquet", model=recorded, trl=trl)
-    from_records, trl_table = timed_score(data, args.output / "records.parquet",
-                                          trl=trl.replace(checkpoints=str(recorded)))
-    afresh, fresh_table = timed_score(data, args.output / "afresh.parquet",
-                                      trl=trl.replace(checkpoints=str(plain)))
-    results["same_weights_with_and_without_callback"] = same_weights(recorded, plain)
-    results["recorded_vs_afresh"] = agreement(trl_table, fresh_table)
-    results["scoring_seconds"] = {"one_model": one, "checkpoints_recorded": from_records,
-                                  "checkpoints_afresh": afresh}
-    results["scoring_ratio"] = {"checkpoints_recorded": from_records / one,
-                                "checkpoints_afresh": afresh / one}
-
-    print("3. agreement with prefprune's own checkpoint ensemble", flush=True)
-    own_seconds, own_table = timed_score(
-        prepare_data(data_file), args.output / "own.parquet",
-        model_config=RewardModelConfig(lora_layers=0, max_length=example.MAX_LENGTH),
-        train_config=TrainConfig(epochs=2, batch_size=example.STEP["batch_size"],
-                                 learning_rate=example.STEP["learning_rate"],
-                                 warmup_ratio=example.STEP["warmup_ratio"], device="cpu"),
-        ensemble=EnsembleConfig(members=2, kind="checkpoints"))
-    results["own_train_and_score_seconds"] = own_seconds
-    results["agreement"] = agreement(trl_table, own_table)
-    results["training_margin_sd"] = {"trl": float(one_table["margin"].std()),
-                                     "own": float(own_table["margin"].std())}
-    results["member_agreement"] = {name: member_agreement(args.output / f"{name}.parquet")
-                                   for name in ("records", "own")}
+    results.update(checkpoint_figures(
+        data_file, args.output, TrlConfig(max_length=example.MAX_LENGTH),
+        RewardModelConfig(lora_layers=0, max_length=example.MAX_LENGTH),
+        TrainConfig(epochs=2, batch_size=example.STEP["batch_size"],
+                    learning_rate=example.STEP["learning_rate"],
+                    warmup_ratio=example.STEP["warmup_ratio"], device="cpu")))
     (args.output / "trl_bench.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
