@@ -54,6 +54,7 @@ from prefprune.experiment import (
     demo_config,
 )
 from prefprune.influence import ALL_SCORES, InfluenceConfig, ScoreResult, compute_scores
+from prefprune.integrations.trl import load_model
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
     PreparedData,
@@ -113,6 +114,7 @@ __all__ = [
     "fingerprint",
     "generate_synthetic",
     "inject_flips",
+    "load_model",
     "load_preferences",
     "prepare_data",
     "prune_source",

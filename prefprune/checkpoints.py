@@ -35,7 +35,7 @@ from prefprune.influence import InfluenceConfig, compute_scores
 from prefprune.influence.gradients import MarginGradientComputer, PairGradients
 from prefprune.influence.results import ScoreResult, model_fingerprint
 from prefprune.integrations.records import recorded_gradients
-from prefprune.integrations.trl import TrlConfig
+from prefprune.integrations.trl import TrlConfig, load_model
 from prefprune.integrations.trl_checkpoints import SavedCheckpoint
 from prefprune.model import PairBatch, RewardModel
 
@@ -159,7 +159,7 @@ def _saved_member(saved: SavedCheckpoint, train: Any, targets: Mapping[str, Any]
         meta = json.loads(path.with_suffix(".json").read_text())
         return pd.read_parquet(path), meta["checkpoint"]
     start = time.perf_counter()
-    model = RewardModel.load(saved.folder, trl=trl)
+    model = load_model(saved.folder, trl=trl)
     shared = scored is not None and model_fingerprint(model) == scored[1]
     usable = config.curvature == "gauss_newton" and config.projection_dim is None
     given = recorded_gradients(saved.folder, model, train) if usable and not shared else None

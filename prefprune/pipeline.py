@@ -33,9 +33,7 @@ from prefprune.data import (
 )
 from prefprune.errors import DataError
 from prefprune.files import check_folder
-from prefprune.integrations.trl import (
-    TrlConfig,
-)
+from prefprune.integrations.trl import TrlConfig, load_model
 from prefprune.model import METADATA_FILE, RewardModel, RewardModelConfig, Truncation
 from prefprune.model.loading import (
     default_backbone,
@@ -276,7 +274,7 @@ def evaluate_saved(
     ``trl`` says what a TRL output folder's files cannot (docs/trl.md)."""
     pairs = data if isinstance(data, datasets.Dataset) else split_of(data, split)
     target = resolve_device(device)
-    model = RewardModel.load(model_path, trust_remote_code=trust_remote_code, trl=trl).to(target)
+    model = load_model(model_path, trust_remote_code=trust_remote_code, trl=trl).to(target)
     return evaluate(model, pairs, progress=progress)
 
 

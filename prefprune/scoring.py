@@ -33,7 +33,7 @@ from prefprune.influence.results import (
     ranked_columns,
     sidecar_of,
 )
-from prefprune.integrations.trl import TrlConfig, TrlEncoder, as_trl_read
+from prefprune.integrations.trl import TrlConfig, TrlEncoder, as_trl_read, load_model
 from prefprune.integrations.trl_checkpoints import final_model, saved_checkpoints
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
@@ -217,8 +217,8 @@ def score_pairs(
                                      capture=capture)
         model = trained.model
     elif model_path is not None:
-        model = RewardModel.load(model_path, runtime=model_config or RewardModelConfig(),
-                                 trust_remote_code=trust_remote_code, trl=trl)
+        model = load_model(model_path, runtime=model_config or RewardModelConfig(),
+                           trust_remote_code=trust_remote_code, trl=trl)
     _warn_if_other_data(model, data)
     if work_dir is not None and distributed.is_main_process():
         claim_folder(work_dir, "score-work", resume=True)

@@ -18,9 +18,8 @@ from prefprune.errors import InfluenceError, ModelError
 from prefprune.influence.gradients import MarginGradientComputer
 from prefprune.integrations import PrefpruneCallback
 from prefprune.integrations.records import read_record
-from prefprune.integrations.trl import TrlConfig, pair_key
+from prefprune.integrations.trl import TrlConfig, load_model, pair_key
 from prefprune.integrations.trl_checkpoints import saved_checkpoints
-from prefprune.model import RewardModel
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def assert_recorded_as_fresh(run: Path, source: Path) -> None:
     prefprune takes afresh with checkpoint-1, the parameters that step saw."""
     record = read_record(run / "checkpoint-2")
     assert record is not None and record.steps.tolist() == [2] * 8
-    before = RewardModel.load(run / "checkpoint-1", trl=TrlConfig(data="plain"))
+    before = load_model(run / "checkpoint-1", trl=TrlConfig(data="plain"))
     pairs = [json.loads(line) for line in source.read_text().splitlines()][:8]
     batch = before.encode_pairs(*([p[k] for p in pairs] for k in ("prompt", "chosen",
                                                                    "rejected")))

@@ -22,9 +22,9 @@ from trl import DPOConfig, DPOTrainer
 from prefprune.data import DataOptions
 from prefprune.errors import InfluenceError, ModelError, PrefpruneWarning
 from prefprune.integrations import PrefpruneCallback
-from prefprune.integrations.trl import TrlConfig, trl_reading
+from prefprune.integrations.trl import TrlConfig, load_model, trl_reading
 from prefprune.integrations.trl_args import saved_training_args
-from prefprune.model import DPOPolicy, RewardModel
+from prefprune.model import DPOPolicy
 from prefprune.pipeline import prepare_data, rendering_of
 from prefprune.scoring import score_pairs
 
@@ -84,7 +84,7 @@ def prefprune_view(out: Path, source: Path, trl: TrlConfig | None = None):
     """The data and model as ``prefprune score`` reads them for a TRL output."""
     rendering, config = trl_reading(out, source, DataOptions(), rendering_of(out),
                                     trl or TrlConfig())
-    return prepare_data(source, rendering=rendering), RewardModel.load(out, trl=config)
+    return prepare_data(source, rendering=rendering), load_model(out, trl=config)
 
 
 CASES = {
@@ -200,13 +200,13 @@ def test_what_the_folder_cannot_say_is_asked_for(tiny_lm, tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelError, match="cannot be the reference of a full-weight run"):
-        RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain",
+        load_model(tmp_path / "run", trl=TrlConfig(data="plain",
                                                          reference=str(tmp_path / "adapter")))
     torch.save(DPOConfig(output_dir=str(tmp_path), loss_type=["ipo"], report_to=[],
                          use_cpu=True, bf16=False),
                tmp_path / "run" / "training_args.bin")
     with pytest.warns(PrefpruneWarning, match=r"loss_type \['ipo'\].*sigmoid"):
-        RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain", reference=str(tiny_lm)))
+        load_model(tmp_path / "run", trl=TrlConfig(data="plain", reference=str(tiny_lm)))
 
 
 class _Payload:

@@ -16,8 +16,7 @@ from trl import RewardConfig, RewardTrainer
 
 from prefprune.data import DataOptions
 from prefprune.errors import ModelError
-from prefprune.integrations.trl import TrlConfig, trl_reading
-from prefprune.model import RewardModel
+from prefprune.integrations.trl import TrlConfig, load_model, trl_reading
 from prefprune.pipeline import prepare_data, rendering_of
 from prefprune.scoring import score_pairs
 
@@ -86,7 +85,7 @@ def prefprune_view(out: Path, source: Path, trl: TrlConfig | None = None):
     rendering, config = trl_reading(out, source, DataOptions(), rendering_of(out),
                                     trl or TrlConfig())
     data = prepare_data(source, rendering=rendering)
-    return data, RewardModel.load(out, trl=config)
+    return data, load_model(out, trl=config)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +180,7 @@ def test_pairs_over_max_length_are_left_out_as_trl_left_them_out(tiny_chat_llama
     assert outcome.result.metadata["trl"]["dropped_over_max_length"] == ["t0"]
     assert sorted(outcome.result.table["id"]) == sorted(trainer.train_dataset["id"])
     (tmp_path / "run" / "training_args.bin").unlink()  # gone: the flag says it
-    model = RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain", max_length=40))
+    model = load_model(tmp_path / "run", trl=TrlConfig(data="plain", max_length=40))
     assert model.metadata["trl"]["max_length_from"] == "the --trl-max-length setting"
 
 
@@ -190,7 +189,7 @@ def test_a_run_without_a_final_model_loads_its_latest_checkpoint(tiny_chat_llama
     trainer = train_trl(tiny_chat_llama, rows, tmp_path / "run", save_steps=3)
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         (tmp_path / "run" / name).unlink()
-    model = RewardModel.load(tmp_path / "run", trl=TrlConfig(data="plain"))
+    model = load_model(tmp_path / "run", trl=TrlConfig(data="plain"))
     assert model.metadata["trl"]["model_folder"].endswith("checkpoint-4")
     assert trainer.state.global_step == 4
 
@@ -198,8 +197,8 @@ def test_a_run_without_a_final_model_loads_its_latest_checkpoint(tiny_chat_llama
 def test_what_the_folder_cannot_say_is_asked_for(tiny_chat_llama, tmp_path):
     train_trl(tiny_chat_llama, plain_rows(), tmp_path / "run", epochs=1, save_steps=10)
     with pytest.raises(ModelError, match="--trl-data plain or conversational"):
-        RewardModel.load(tmp_path / "run")
+        load_model(tmp_path / "run")
     card = tmp_path / "run" / "README.md"
     card.write_text(card.read_text().replace("reward-trainer", "sft"))
     with pytest.raises(ModelError, match=r"another trainer.*sft.*RewardTrainer and DPOTrainer"):
-        RewardModel.load(tmp_path / "run")
+        load_model(tmp_path / "run")

@@ -29,7 +29,13 @@ from prefprune.errors import ExperimentError
 from prefprune.experiment.config import ExperimentConfig
 from prefprune.influence.formulas import random_column
 from prefprune.influence.results import ScoreResult
-from prefprune.integrations.trl import TrlConfig, TrlEncoder, as_trl_read, trl_reading
+from prefprune.integrations.trl import (
+    TrlConfig,
+    TrlEncoder,
+    as_trl_read,
+    load_model,
+    trl_reading,
+)
 from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.model.backbones import resolve_backbone
 from prefprune.model.policy import DPOPolicy
@@ -54,7 +60,7 @@ class TrainedModel:
         trust = config.model.trust_remote_code
         rendering, trl = trl_reading(path, config.data, config.data_options,
                                      rendering_of(path, trust_remote_code=trust), config.trl)
-        model = RewardModel.load(path, runtime=config.model, trust_remote_code=trust, trl=trl)
+        model = load_model(path, runtime=config.model, trust_remote_code=trust, trl=trl)
         _check_retrainable(model, path)
         return cls(path, model, model.config, rendering, trl)
 

@@ -51,6 +51,7 @@ from prefprune.data.loader import open_source
 from prefprune.data.messages import PLAIN, Rendering
 from prefprune.errors import ModelError
 from prefprune.integrations.trl_args import ARGS_FILE, saved_training_args
+from prefprune.model import RewardModel
 from prefprune.model.encoding import EncodingStats, PairBatch
 from prefprune.model.loading import ADAPTER_WEIGHTS, head_name
 
@@ -275,6 +276,21 @@ def run_setting(run: TrlOutput, name: str, given: Any, default: Any) -> tuple[An
     if name in saved:
         return saved[name], f"the run's {ARGS_FILE}"
     return default, f"TRL's default (the run has no readable {ARGS_FILE})"
+
+
+def load_model(path: str | os.PathLike, *, trl: TrlConfig | None = None,
+               **load: Any) -> RewardModel:
+    """A trained model to score. A TRL output folder (its model card says so) loads its final
+    model, or its latest checkpoint when the run saved none, as the objective it was trained
+    for, reading pairs as TRL did (``trl`` says what its files cannot); anything else is
+    :meth:`RewardModel.load`'s (``load`` are its keywords, for both)."""
+    run = read_trl_output(Path(path))
+    if run is None:
+        return RewardModel.load(path, **load)
+    config = trl or TrlConfig()
+    model = RewardModel.load(run.model_folder, settings=trl_objective(run, config), **load)
+    as_trl_trained(model, run, config)
+    return model
 
 
 def trl_objective(run: TrlOutput | None, config: TrlConfig | None) -> dict[str, Any]:

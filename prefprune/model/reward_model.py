@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from torch import nn
 
 from prefprune.errors import ConfigError, ModelError
 from prefprune.files import MARKER, check_folder, mark, replacing_entries, write_json_atomic
-from prefprune.integrations.trl import TrlConfig, as_trl_trained, read_trl_output, trl_objective
 from prefprune.model.backbones import resolve_backbone
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import EncodingStats, PairBatch, PairEncoder
@@ -115,7 +114,8 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None,
              trust_remote_code: bool = False, runtime: RewardModelConfig | None = None,
-             cache: FrozenLayerCache | None = None, trl: TrlConfig | None = None) -> RewardModel:
+             cache: FrozenLayerCache | None = None,
+             settings: Mapping[str, Any] | None = None) -> RewardModel:
         """Load a reward model saved by prefprune, a PEFT adapter directory, or a full
         sequence-classification checkpoint.
 
@@ -126,13 +126,11 @@ class RewardModel:
         checkpoint gets a fresh LoRA whose B matrices are zero, so its function is unchanged
         and influence is taken over LoRA + head, exactly as for a model trained here.
 
-        A TRL output folder (its model card says so) loads its final model, or its latest
-        checkpoint when the run saved none, and reads pairs as TRL did
-        (:mod:`prefprune.integrations.trl`); ``trl`` says what its files cannot.
+        ``settings`` are the model settings a folder prefprune did not write cannot say (the
+        objective and β of a DPO policy trained elsewhere). A TRL output folder is loaded with
+        :func:`prefprune.integrations.trl.load_model`, which reads pairs as TRL did.
         """
-        path = Path(path)
-        run = read_trl_output(path)
-        folder = run.model_folder if run is not None else path
+        folder = Path(path)
         runtime = {**_runtime_settings(runtime), "trust_remote_code": trust_remote_code}
         if (folder / METADATA_FILE).is_file():
             meta = read_json(folder / METADATA_FILE, "prefprune model description")
@@ -141,21 +139,14 @@ class RewardModel:
                                  f"{meta.get('format_version')!r}")
             return cls._from_adapter(folder / "adapter", folder / "tokenizer", backbone,
                                      runtime, meta, cache)
-        objective = trl_objective(run, trl)  # a DPOTrainer output is a DPO policy
+        extra = dict(settings or {})
         if (folder / "adapter_config.json").is_file():
-            loaded = cls._from_adapter(folder, folder, backbone, runtime,
-                                       {"config": objective}, cache)
-        elif (folder / "config.json").is_file():
-            loaded = cls.create(RewardModelConfig(backbone=str(folder), **objective, **runtime),
-                                cache=cache)
-        else:
-            raise ModelError(
-                f"{path}: not a reward model directory (expected {METADATA_FILE}, "
-                "adapter_config.json or config.json)"
-            )
-        if run is not None:
-            as_trl_trained(loaded, run, trl or TrlConfig())
-        return loaded
+            return cls._from_adapter(folder, folder, backbone, runtime, {"config": extra}, cache)
+        if (folder / "config.json").is_file():
+            return cls.create(RewardModelConfig(backbone=str(folder), **extra, **runtime),
+                              cache=cache)
+        raise ModelError(f"{folder}: not a reward model directory (expected {METADATA_FILE}, "
+                         "adapter_config.json or config.json)")
 
     @classmethod
     def _from_adapter(cls, adapter: Path, tokenizer_dir: Path, backbone: str | None,
