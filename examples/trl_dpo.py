@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trl_reward_model import score_and_prune, train_rows, write_pairs
+from trl_reward_model import new_folder, score_and_prune, train_rows, write_pairs
 
 #: LoRA on the query and value projections of the top ``TOP_LAYERS`` layers only: the backward
 #: pass (TRL's, and prefprune's per-pair gradients) then stops there, and prefprune caches the
@@ -88,7 +88,7 @@ def main() -> None:
     from prefprune.integrations import PrefpruneCallback
     from prefprune.model.backbones import resolve_backbone
 
-    args.output.mkdir(parents=True, exist_ok=False)
+    new_folder(parser, args.output)
     data = write_pairs(args.data, args.pairs, args.output / "hh.jsonl")
     rows = train_rows(data)
     print(f"TRL DPOTrainer: {len(rows)} training pairs, {args.epochs} epochs", flush=True)

@@ -113,6 +113,15 @@ def score_and_prune(data: Path, output: Path, *options: str) -> None:
     print(f"pruned file: {output / 'pruned' / data.name}")
 
 
+def new_folder(parser: argparse.ArgumentParser, folder: Path) -> None:
+    """Create the example's output folder; one that exists is a usage error, never reused, so
+    the example's files never mix with what is there."""
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        parser.error(f"--output {folder} exists; give a new folder")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="an HH-RLHF file (chosen/rejected transcripts)")
@@ -124,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     from prefprune.integrations import PrefpruneCallback
 
-    args.output.mkdir(parents=True, exist_ok=False)
+    new_folder(parser, args.output)
     data = write_pairs(args.data, args.pairs, args.output / "hh.jsonl")
     rows = train_rows(data)
     print(f"TRL RewardTrainer: {len(rows)} training pairs, {args.epochs} epochs", flush=True)
