@@ -53,7 +53,7 @@ from prefprune.training import evaluate, train_reward_model
 RESULTS_FILE = "results.json"
 #: What an experiment writes into its folder besides its settings (``overwrite`` removes
 #: exactly these): results, report and figures, one record per run, a model folder and a
-#: score table per replicate.
+#: score table per replicate, and a given model's own table (``trained_model``).
 OWN_ENTRIES = (RESULTS_FILE, "report.md", "report.html", "figures/*.png", "runs/*.json",
                *(f"models/seed*/{name}" for name in MODEL_FILES),
                *score_table_entries("scores/seed*"), *score_table_entries("scores/model"))

@@ -48,9 +48,14 @@ class TrainedModel:
 
     path: Path
     model: RewardModel
-    recipe: RewardModelConfig
     rendering: Rendering
     trl: TrlConfig
+
+    @property
+    def recipe(self) -> RewardModelConfig:
+        """How the retrains are built: the model's own settings (objective, β, backbone,
+        LoRA shape, max_length) with the experiment's cache settings."""
+        return self.model.config
 
     @classmethod
     def load(cls, config: ExperimentConfig) -> TrainedModel:
@@ -62,7 +67,7 @@ class TrainedModel:
                                      rendering_of(path, trust_remote_code=trust), config.trl)
         model = load_model(path, runtime=config.model, trust_remote_code=trust, trl=trl)
         _check_retrainable(model, path)
-        return cls(path, model, model.config, rendering, trl)
+        return cls(path, model, rendering, trl)
 
     def training_pairs(self, train: datasets.Dataset) -> datasets.Dataset:
         """The pairs the model was trained on: for a TRL run, without those TRL left out."""

@@ -293,13 +293,12 @@ def load_model(path: str | os.PathLike, *, trl: TrlConfig | None = None,
     return model
 
 
-def trl_objective(run: TrlOutput | None, config: TrlConfig | None) -> dict[str, Any]:
+def trl_objective(run: TrlOutput, config: TrlConfig) -> dict[str, Any]:
     """The model settings (:class:`~prefprune.model.RewardModelConfig` fields) the objective of
     ``run`` needs beyond the defaults: DPO and its β for a DPOTrainer run."""
-    if run is None or run.objective != "dpo":
+    if run.objective != "dpo":
         return {}
-    return {"objective": "dpo",
-            "beta": run_setting(run, "beta", (config or TrlConfig()).beta, TRL_BETA)[0]}
+    return {"objective": "dpo", "beta": run_setting(run, "beta", config.beta, TRL_BETA)[0]}
 
 
 def as_trl_trained(model: Any, run: TrlOutput, config: TrlConfig) -> None:
