@@ -131,6 +131,7 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         ("Data: ", Code(data["source"]), f" ({data['format']}): read {data['read']} = kept "
          f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
          f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs"
+         + (f"; {data['left_out']} source pairs in no split" if data.get("left_out") else "")
          + (f" (seed {cfg.seeds[0]}'s split; every replicate draws its own, so the "
             "intervals include the variance between splits)." if cfg.split_per_seed else ".")),
         *_truncation_lines(data),

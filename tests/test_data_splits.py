@@ -61,9 +61,34 @@ def test_partial_source_splits_fall_back_to_grouping() -> None:
     assert not set(parts["train"]["prompt"]) & set(parts["test"]["prompt"])
 
 
-def test_bad_fractions() -> None:
+def test_fractions_below_one_leave_a_seeded_sample_out() -> None:
+    ds = _pairs(400, 200)
+    parts = split_preferences(ds, fractions=(0.2, 0.1, 0.2), seed=4)
+    sizes = [len(parts[k]) for k in ("train", "validation", "test")]
+    assert [abs(n - target) <= 2 for n, target in zip(sizes, (80, 40, 80))] == [True] * 3
+    used = set().union(*(parts[k]["id"] for k in parts))
+    assert len(used) == sum(sizes)
+    assert parts["test"]["id"] == split_preferences(ds, fractions=(0.2, 0.1, 0.2),
+                                                    seed=4)["test"]["id"]
+
+
+def test_prepare_data_counts_the_pairs_no_split_uses(tmp_path) -> None:
+    from prefprune.pipeline import data_summary, prepare_data
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(
+        f'{{"prompt": "p{i}", "chosen": "good {i}", "rejected": "bad {i}"}}\n'
+        for i in range(100)))
+    sample = prepare_data(path, fractions=(0.3, 0.1, 0.1))
+    assert sum(sample.sizes().values()) + sample.left_out == 100
+    assert data_summary(sample)["left_out"] == sample.left_out == 50
+    assert prepare_data(path).left_out == 0
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (0.6, -0.1, 0.2)])
+def test_bad_fractions(fractions: tuple[float, float, float]) -> None:
     with pytest.raises(DataError, match="fractions"):
-        split_preferences(_pairs(10, 5), fractions=(0.5, 0.5, 0.5))
+        split_preferences(_pairs(10, 5), fractions=fractions)
 
 
 def test_fingerprint_stable_and_order_sensitive() -> None:

@@ -102,6 +102,7 @@ def test_config_round_trips_through_yaml(tmp_path):
 @pytest.mark.parametrize(("text", "message"), [
     ("influence: {scores: [if, nope]}\n", "influence.scores: unknown scores"),
     ("fractions: [1.5]\n", "fractions\\[0\\]: must be < 1"),
+    ("split_fractions: [0.6, 0.3, 0.3]\n", "split_fractions: must sum to at most 1"),
     ("colour: red\n", "unknown setting.s. colour"),
     ("train: {epochz: 3}\n", "train: unknown setting.s. epochz"),
     ("- a\n- b\n", "expected a mapping"),

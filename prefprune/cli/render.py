@@ -59,6 +59,13 @@ def ingestion_line(report: IngestionReport) -> str:
     return f"read {report.read} = kept {report.kept} + skipped {len(report.skipped)}"
 
 
+def split_line(data: dict[str, Any]) -> str:
+    """Pairs per split, and the source pairs no split uses (a sampled or replaced split)."""
+    sizes = " / ".join(f"{name} {n}" for name, n in data["sizes"].items())
+    left_out = data.get("left_out", 0)
+    return sizes + (f" ({left_out} source pairs left out)" if left_out else "")
+
+
 def print_report(report: IngestionReport, max_issues: int = 10) -> None:
     """The account of every input row: totals, reasons and the first skipped rows."""
     stdout.print(f"[bold]{escape(report.source)}[/bold] (format {report.format}, "
@@ -126,8 +133,8 @@ def outcome_dict(outcome: TrainOutcome) -> dict[str, Any]:
 
 def print_outcome(outcome: TrainOutcome) -> None:
     data = outcome.data
-    sizes = " / ".join(f"{name} {n}" for name, n in data.sizes().items())
-    stdout.print(f"{ingestion_line(data.report)}; {sizes}; train fingerprint {data.fingerprint}")
+    stdout.print(f"{ingestion_line(data.report)}; {split_line(data_summary(data))}; "
+                 f"train fingerprint {data.fingerprint}")
     print_truncation(outcome.truncation)
     stdout.print(training_table(outcome.train))
     stdout.print(metrics_table(outcome.metrics))

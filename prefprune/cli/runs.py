@@ -182,7 +182,7 @@ def demo_command(
         return
     stdout.print(f"{escape(result.data['source'])}: read {result.data['read']} = kept "
                  f"{result.data['kept']} + skipped {result.data['skipped']}; "
-                 + " / ".join(f"{k} {v}" for k, v in result.data["sizes"].items()))
+                 + render.split_line(result.data))
     render.print_headline(result)
     if paths:
         stdout.print(f"wrote {escape(str(paths['markdown']))} and {escape(str(paths['html']))}")

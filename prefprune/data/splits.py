@@ -43,7 +43,9 @@ def split_preferences(
     ``source_split`` (TL;DR: train, valid1 -> validation, valid2 -> test). If the
     source has train and test but no validation rows, validation is carved out
     of train, grouped by prompt. Otherwise all rows get a seeded split grouped
-    by prompt, with sizes as close to ``fractions`` as the groups allow.
+    by prompt, with sizes as close to ``fractions`` as the groups allow. Fractions summing
+    below one leave the remaining prompt groups out of every split: a quick run on a seeded
+    sample of the data, which the caller reports (``PreparedData.left_out``).
     Rows keep their dataset order inside each split.
     """
     _check_fractions(fractions)
@@ -60,10 +62,10 @@ def split_preferences(
 
 
 def _check_fractions(fractions: Sequence[float]) -> None:
-    """Three non-negative fractions summing to one."""
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise DataError(f"fractions must be three non-negative numbers summing to 1, "
-                        f"got {tuple(fractions)}")
+    """Three non-negative fractions with a positive sum of at most one."""
+    if len(fractions) != 3 or min(fractions) < 0 or not 0 < sum(fractions) <= 1 + 1e-6:
+        raise DataError(f"fractions must be three non-negative numbers summing to at most 1 "
+                        f"(less leaves the rest of the data out), got {tuple(fractions)}")
 
 
 def _source_assignment(ds: datasets.Dataset) -> list[str] | None:
@@ -77,19 +79,21 @@ def _source_assignment(ds: datasets.Dataset) -> list[str] | None:
 def _grouped(
     prompts: Sequence[str], rows: Sequence[int], fractions: Sequence[float], seed: int
 ) -> dict[str, list[int]]:
-    """Assign whole prompt groups, in seeded random order, to the split furthest below target."""
+    """Assign whole prompt groups, in seeded random order, to the split furthest below target;
+    the share the fractions leave over is a fourth, unused bucket."""
     groups: dict[str, list[int]] = {}
     for i in rows:
         groups.setdefault(prompts[i], []).append(i)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
-    targets = [f * len(rows) for f in fractions]
-    result: dict[str, list[int]] = {name: [] for name in SPLITS}
+    shares = [*fractions, max(0.0, 1 - sum(fractions))]
+    targets = [f * len(rows) for f in shares]
+    buckets: list[list[int]] = [[] for _ in shares]
+    open_buckets = [k for k, share in enumerate(shares) if share > 1e-9]
     for group in order:
-        open_splits = [k for k in range(3) if fractions[k] > 0]
-        best = max(open_splits, key=lambda k: targets[k] - len(result[SPLITS[k]]))
-        result[SPLITS[best]].extend(group)
-    return result
+        best = max(open_buckets, key=lambda k: targets[k] - len(buckets[k]))
+        buckets[best].extend(group)
+    return dict(zip(SPLITS, buckets))
 
 
 def fingerprint(ds: datasets.Dataset) -> str:

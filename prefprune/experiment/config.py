@@ -53,7 +53,8 @@ class RunConfig(Settings):
                                               "shares pairs with the training split.")
     split_fractions: tuple[float, float, float] = setting(
         DEFAULT_SPLIT_FRACTIONS, min=0.0, max=1.0, metavar="TRAIN,VAL,TEST",
-        help="Train/validation/test shares for data without source splits.")
+        help="Train/validation/test shares for data without source splits; shares summing "
+             "below 1 leave a seeded sample of the rest out (a quick run).")
     split_seed: int = setting(0, help="Seed of the train/validation/test split of data "
                                       "without source splits.")
     model: RewardModelConfig = setting(default_factory=RewardModelConfig, cli=False,
@@ -99,8 +100,9 @@ class RunConfig(Settings):
             nested = getattr(self, section)
             if getattr(nested, key) != type(nested).fields_help()[key].default:
                 raise ConfigError(f"{section}.{key}", self._owned_problem())
-        if abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise ConfigError("split_fractions", f"must sum to 1, got {list(self.split_fractions)}")
+        if not 0 < sum(self.split_fractions) <= 1 + 1e-6:
+            raise ConfigError("split_fractions", "must sum to at most 1 (less leaves the rest of "
+                                                 f"the data out), got {list(self.split_fractions)}")
 
     def score_columns(self) -> tuple[str, ...]:
         """The score columns a run's table will have: each requested score, and the
