@@ -5,12 +5,14 @@ what the experiment cannot repeat is refused in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from helpers import assert_one_error_line, run_cli
+from safetensors.torch import load_file, save_file
 from test_trl_dpo import train_dpo
 from test_trl_reward import plain_rows, train_trl, trl_margins, write_jsonl
 
@@ -35,7 +37,8 @@ def experiment(run: Path, files: dict[str, Path], output: Path, *extra: object):
 
 
 def test_scores_are_the_given_models_and_retrains_follow_its_recipe(trl_run, tmp_path):
-    run, files, margins = trl_run
+    original, files, margins = trl_run
+    run = Path(shutil.copytree(original, tmp_path / "run"))  # its weights change below
     out = tmp_path / "exp"
     result = experiment(run, files, out)
     assert result.exit_code == 0, result.output
@@ -61,6 +64,10 @@ def test_scores_are_the_given_models_and_retrains_follow_its_recipe(trl_run, tmp
     again = experiment(run, files, out)  # resumes: nothing is trained or scored again
     assert again.exit_code == 0, again.output
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    weights = run / "adapter_model.safetensors"
+    save_file({k: 2 * v for k, v in load_file(weights).items()}, weights)
+    changed = experiment(run, files, out)  # the saved scores are the old weights': refused
+    assert "another given model" in assert_one_error_line(changed, 1)
 
 
 @pytest.mark.parametrize("extra, says", [

@@ -95,9 +95,10 @@ class RunFolder:
                    if name in saved and saved[name] != value]
         if changed:
             raise ExperimentError(
-                f"{self.path} was started on other data: the split fingerprints changed "
-                f"since ({'; '.join(changed)}). Its saved models and runs would be stale: use "
-                "another --output, or pass --overwrite to start afresh")
+                f"{self.path} was started on other data or another given model: their "
+                f"fingerprints changed since ({'; '.join(changed)}). Its saved models and "
+                "runs would be stale: use another --output, or pass --overwrite to start "
+                "afresh")
         if now.keys() - saved.keys():
             write_json_atomic(path, {"fingerprints": {**saved, **now}})
 

@@ -34,7 +34,12 @@ from prefprune.experiment.trained import TrainedModel, replicate_table
 from prefprune.files import (
     write_json_atomic,
 )
-from prefprune.influence.results import ScoreResult, score_table_entries, sidecar_of
+from prefprune.influence.results import (
+    ScoreResult,
+    model_fingerprint,
+    score_table_entries,
+    sidecar_of,
+)
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.model.reward_model import MODEL_FILES
 from prefprune.pipeline import (
@@ -183,12 +188,16 @@ class Experiment:
         return {s: by_split[self.config.replicate_split_seed(s)] for s in self.config.seeds}
 
     def _fingerprints(self, datas: dict[int, PreparedData]) -> dict[str, str]:
-        """What the folder's saved runs depend on: the shared split, or each replicate's."""
+        """What the folder's saved runs depend on: the shared split, or each replicate's, and
+        a given model's weights (its saved score table is theirs)."""
         if not self.config.split_per_seed:
-            return split_fingerprints(datas[self.config.seeds[0]])
-        out: dict[str, str] = {}
-        for seed, data in datas.items():
-            out.update(split_fingerprints(data, prefix=f"seed{seed}/"))
+            out = split_fingerprints(datas[self.config.seeds[0]])
+        else:
+            out = {}
+            for seed, data in datas.items():
+                out.update(split_fingerprints(data, prefix=f"seed{seed}/"))
+        if self.trained is not None:
+            out["trained_model"] = model_fingerprint(self.trained.model)
         return out
 
     def _training_pairs(self, data: PreparedData, seed: int) -> datasets.Dataset:
