@@ -33,8 +33,9 @@ from prefprune.influence.results import (
     ranked_columns,
     sidecar_of,
 )
-from prefprune.integrations.trl import TrlConfig, TrlEncoder, as_trl_read, load_model
+from prefprune.integrations.trl import TrlConfig, load_model
 from prefprune.integrations.trl_checkpoints import final_model, saved_checkpoints
+from prefprune.integrations.trl_encoding import TrlEncoder, as_trl_read
 from prefprune.model import FrozenLayerCache, RewardModel, RewardModelConfig
 from prefprune.pipeline import (
     PreparedData,

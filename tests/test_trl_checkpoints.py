@@ -18,8 +18,9 @@ from prefprune.errors import InfluenceError, ModelError
 from prefprune.influence.gradients import MarginGradientComputer
 from prefprune.integrations import PrefpruneCallback
 from prefprune.integrations.records import read_record
-from prefprune.integrations.trl import TrlConfig, load_model, pair_key
+from prefprune.integrations.trl import TrlConfig, load_model
 from prefprune.integrations.trl_checkpoints import saved_checkpoints
+from prefprune.integrations.trl_encoding import pair_key
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,8 @@ from prefprune.errors import ExperimentError
 from prefprune.experiment.config import ExperimentConfig
 from prefprune.influence.formulas import random_column
 from prefprune.influence.results import ScoreResult
-from prefprune.integrations.trl import (
-    TrlConfig,
-    TrlEncoder,
-    as_trl_read,
-    load_model,
-    trl_reading,
-)
+from prefprune.integrations.trl import TrlConfig, load_model, trl_reading
+from prefprune.integrations.trl_encoding import TrlEncoder, as_trl_read
 from prefprune.model import RewardModel, RewardModelConfig
 from prefprune.model.backbones import resolve_backbone
 from prefprune.model.policy import DPOPolicy

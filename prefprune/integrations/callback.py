@@ -35,7 +35,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from prefprune.errors import GradientError, InfluenceError, ModelError
 from prefprune.influence.gradients import _linear_slots, _Slot, _write_rows
 from prefprune.integrations.records import PairRecord, read_record, write_record
-from prefprune.integrations.trl import pair_key
+from prefprune.integrations.trl_encoding import pair_key
 from prefprune.model.loading import head_name, is_head_bias
 
 

@@ -5,10 +5,10 @@ Each ``checkpoint-N`` gets ``prefprune/pair-gradients.safetensors`` (with a ``.j
 beside it) in prefprune's crash-safe store (:class:`~prefprune.influence.store.ShardStore`):
 for every pair visited up to step N, its margin and margin gradient ``∇m`` over θ (LoRA + head)
 as taken at its latest visit, and that visit's step. Rows are keyed by
-:func:`~prefprune.integrations.trl.pair_key`, the hash of the pair's tokens, so scoring finds
-a pair whatever the order, split or filtering of the rows around it. A pair the run has not
-visited yet (a checkpoint inside the first epoch) is computed at the checkpoint's own
-parameters, so a checkpoint's member always covers every pair.
+:func:`~prefprune.integrations.trl_encoding.pair_key`, the hash of the pair's tokens, so
+scoring finds a pair whatever the order, split or filtering of the rows around it. A pair the
+run has not visited yet (a checkpoint inside the first epoch) is computed at the checkpoint's
+own parameters, so a checkpoint's member always covers every pair.
 """
 
 from __future__ import annotations

@@ -53,13 +53,11 @@ from prefprune.integrations.trl import (
     TRL_LOSS,
     TRL_TRUNCATION,
     TrlConfig,
-    TrlEncoder,
     TrlOutput,
-    TrlTokenization,
     card_base_model,
-    pair_key,
     run_setting,
 )
+from prefprune.integrations.trl_encoding import TrlEncoder, TrlTokenization, pair_key
 from prefprune.model.config import RewardModelConfig
 from prefprune.model.encoding import PairBatch
 from prefprune.model.loading import ADAPTER_WEIGHTS, check_safetensors, load_causal_lm, quiet_peft
