@@ -22,6 +22,7 @@ import numpy as np
 from prefprune import ExperimentConfig, InfluenceConfig
 from prefprune.experiment import Experiment
 from prefprune.experiment.stats import mean_interval
+from prefprune.files import write_json_atomic
 
 
 def recipe_config(base: ExperimentConfig, backbone: str, layers: int, rate: float,
@@ -52,7 +53,8 @@ def main() -> None:
     grid = itertools.product([int(x) for x in args.layers.split(",")],
                              [float(x) for x in args.learning_rates.split(",")],
                              [int(x) for x in args.epochs.split(",")])
-    rows = {}
+    table = args.output / "recipes.json"  # earlier invocations' recipes stay in it
+    rows = json.loads(table.read_text()) if table.exists() else {}
     for layers, rate, epochs in grid:
         name = f"layers{layers}-lr{rate:g}-epochs{epochs}"
         config = recipe_config(base, args.backbone, layers, rate, epochs, seeds)
@@ -63,7 +65,7 @@ def main() -> None:
                       "summary": mean_interval([accuracy[s] for s in seeds]),
                       "frozen_layers": result.data.get("frozen_layers")}
         print(name, json.dumps(rows[name]["summary"]), flush=True)
-    (args.output / "recipes.json").write_text(json.dumps(rows, indent=2, default=str))
+        write_json_atomic(table, rows)
 
 
 if __name__ == "__main__":
