@@ -74,9 +74,9 @@ class PreparedData:
     held_out_reports: dict[str, IngestionReport] = field(default_factory=dict)
     #: How message lists were rendered to text (models record it, to read data the same way).
     rendering: str = PLAIN.name
-    #: Source pairs in no split of the run: split fractions summing below one (a sample), or
-    #: a source split that a separate validation or test source replaced.
-    left_out: int = 0
+    #: Source pairs in no split of the run, by why: split fractions summing below one (a
+    #: sample), or a source split that a separate validation or test source replaced.
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         """Pairs per split, for summaries."""
@@ -117,7 +117,8 @@ def prepare_data(
     loaded = load_preferences(path, options, rendering=rendering)
     loaded.report.require_pairs()
     splits = split_preferences(loaded.dataset, fractions=fractions, seed=seed)
-    used = {name: len(split) for name, split in splits.items()}
+    left_out = {"outside the split fractions":
+                len(loaded.dataset) - sum(len(split) for split in splits.values())}
     origins = {name: f"the {name} split of {path}" for name in ("validation", "test")}
     reports = {}
     for name, held_out, held_options in (("validation", validation, validation_options),
@@ -127,13 +128,13 @@ def prepare_data(
         separate = load_preferences(held_out, held_options, rendering=rendering)
         separate.report.require_pairs(f"the {name} set")
         _check_overlap(separate.dataset, splits["train"], name, held_out, allow_overlap)
+        left_out[f"in the source's {name} split, replaced by {held_out}"] = len(splits[name])
         splits[name] = separate.dataset
-        used[name] = 0
         origins[name] = str(held_out)
         reports[name] = separate.report
     return PreparedData(splits, loaded.report, fingerprint(splits["train"]), str(path),
                         fingerprint(loaded.dataset), origins, reports, rendering.name,
-                        len(loaded.dataset) - sum(used.values()))
+                        {why: n for why, n in left_out.items() if n})
 
 
 def _pair_keys(pairs: datasets.Dataset) -> dict[tuple[str, frozenset[str]], str]:
@@ -173,7 +174,7 @@ def data_summary(data: PreparedData) -> dict[str, Any]:
     return {"source": data.source, "format": report.format, "read": report.read,
             "kept": report.kept, "skipped": len(report.skipped),
             "skipped_by_reason": report.by_reason(), "sizes": data.sizes(),
-            "left_out": data.left_out,
+            "left_out": sum(data.left_out.values()), "left_out_by_reason": data.left_out,
             "train_fingerprint": data.fingerprint,
             "source_fingerprint": data.source_fingerprint, "origins": dict(data.origins),
             "rendering": data.rendering,

@@ -131,7 +131,8 @@ def _overview(result: ExperimentResult, output: Path, command: str | None) -> Se
         ("Data: ", Code(data["source"]), f" ({data['format']}): read {data['read']} = kept "
          f"{data['kept']} + skipped {data['skipped']}; train / validation / test = "
          f"{sizes['train']} / {sizes['validation']} / {sizes['test']} pairs"
-         + (f"; {data['left_out']} source pairs in no split" if data.get("left_out") else "")
+         + "".join(f"; {n} source pairs in no split ({why})"
+                   for why, n in data.get("left_out_by_reason", {}).items())
          + (f" (seed {cfg.seeds[0]}'s split; every replicate draws its own, so the "
             "intervals include the variance between splits)." if cfg.split_per_seed else ".")),
         *_truncation_lines(data),

@@ -80,9 +80,14 @@ def test_prepare_data_counts_the_pairs_no_split_uses(tmp_path) -> None:
         f'{{"prompt": "p{i}", "chosen": "good {i}", "rejected": "bad {i}"}}\n'
         for i in range(100)))
     sample = prepare_data(path, fractions=(0.3, 0.1, 0.1))
-    assert sum(sample.sizes().values()) + sample.left_out == 100
-    assert data_summary(sample)["left_out"] == sample.left_out == 50
-    assert prepare_data(path).left_out == 0
+    assert sample.left_out == {"outside the split fractions": 50}
+    assert sum(sample.sizes().values()) + data_summary(sample)["left_out"] == 100
+    assert prepare_data(path).left_out == {}
+    trusted = tmp_path / "trusted.jsonl"
+    trusted.write_text('{"prompt": "q", "chosen": "yes", "rejected": "no"}\n')
+    replaced = prepare_data(path, validation=trusted)
+    assert replaced.left_out == {f"in the source's validation split, replaced by {trusted}":
+                                 round(DEFAULT_SPLIT_FRACTIONS[1] * 100)}
 
 
 @pytest.mark.parametrize("fractions", [(0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (0.6, -0.1, 0.2)])

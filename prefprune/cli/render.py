@@ -62,8 +62,8 @@ def ingestion_line(report: IngestionReport) -> str:
 def split_line(data: dict[str, Any]) -> str:
     """Pairs per split, and the source pairs no split uses (a sampled or replaced split)."""
     sizes = " / ".join(f"{name} {n}" for name, n in data["sizes"].items())
-    left_out = data.get("left_out", 0)
-    return sizes + (f" ({left_out} source pairs left out)" if left_out else "")
+    reasons = "; ".join(f"{n} {why}" for why, n in data.get("left_out_by_reason", {}).items())
+    return sizes + (f" (source pairs in no split: {reasons})" if reasons else "")
 
 
 def print_report(report: IngestionReport, max_issues: int = 10) -> None:
